@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: CUDA tests, then the kernel (and model) benchmarks.
+# Everything lands in the folder given as $1 (default: $OUT, else bench/results/gpu-<date>).
+# Budget: under 8 minutes on one H100/H200; each step has its own time limit so a slow
+# step cannot eat the rest.
+#
+#   bash bench/gpu_check.sh "$OUT"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-bench/results/gpu-$(date +%Y-%m-%d)}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  python - <<'PY'
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv)
+PY
+} > "$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+# The CUDA tests need no install: run from the source tree (PYTHONPATH) if rectok is not installed.
+python -c "import rectok.kernels" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+
+echo "== CUDA tests =="
+timeout 180 python -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.txt" | tail -25
+
+echo "== kernel benchmark =="
+timeout 240 python bench/kernels.py --quick --out "$out" 2>&1 | tee "$out/kernels_log.txt" | tail -80
+
+if [ -f bench/models.py ]; then
+  echo "== model benchmark =="
+  timeout 150 python bench/models.py --quick --out "$out" 2>&1 | tee "$out/models_log.txt" | tail -40
+fi
+ls -la "$out"
