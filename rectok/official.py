@@ -61,11 +61,20 @@ def load_tokenizer(src: StateSource, *, num_heads: int | None = None, semantic_n
     return _load(read_state_dict(src), num_heads=num_heads, semantic_num_heads=semantic_num_heads)
 
 
-def load_dit(src: StateSource, *, num_heads: int | tuple[int, int] | None = None):
-    """A DiT^DH built and filled from an official-layout checkpoint (sizes inferred)."""
+def load_dit(
+    src: StateSource,
+    *,
+    num_heads: int | tuple[int, int] | None = None,
+    depth: tuple[int, int] | None = None,
+):
+    """A DiT^DH built and filled from an official-layout checkpoint (sizes inferred).
+
+    `depth` = (trunk, head) is needed only when both widths are equal (the split is then
+    not visible in the tensor shapes).
+    """
     from .official_dit import load_dit as _load
 
-    return _load(read_state_dict(src), num_heads=num_heads)
+    return _load(read_state_dict(src), num_heads=num_heads, depth=depth)
 
 
 def save_official(model: nn.Module, path: str | os.PathLike) -> None:
