@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from collections.abc import Iterator
 
@@ -51,14 +50,22 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-@functools.cache
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False
     return True
+
+
+# Checked once at import: a plain bool is free to read while torch.compile traces (a cached
+# function call there would make Dynamo warn on every compile).
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
 
 
 def interpreter_active() -> bool:
@@ -78,7 +85,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if name == "auto":
         return on_cuda and triton_available()
     if not triton_available():
-        raise RuntimeError("kernel backend 'triton' was requested but triton is not installed (pip install triton)")
+        raise RuntimeError(
+            "kernel backend 'triton' was requested but triton is not installed (pip install triton)"
+        )
     if not on_cuda and not interpreter_active():
         raise RuntimeError(
             "kernel backend 'triton' was requested for CPU tensors, which needs Triton's interpreter: "
