@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .backend import use_triton
+from .triton_utils import jit, tl, triton
 
 # Widest row chunk held in registers. Wider rows are processed in chunks, in two sweeps
 # (statistics, then gradient), which re-reads each row once.
@@ -39,7 +38,7 @@ def cosine_distill_loss_reference(
 # ----------------------------------------------------------------------------- kernel
 
 
-@triton.jit
+@jit
 def _cosine_loss_kernel(
     pred_ptr,
     target_ptr,

@@ -18,9 +18,9 @@ import math
 import torch
 
 from .backend import interpreter_active
-from .rope import cast_to, load_rope, load_table, table_strides, tl, triton, unit_last_stride
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from .rope import load_rope, load_table, table_strides, unit_last_stride
+from .triton_utils import cast_to, tl, triton
+from .triton_utils import jit as _jit
 
 
 @_jit

@@ -18,10 +18,9 @@ reference through `backend.use_triton`.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .backend import use_triton
+from .triton_utils import jit, tl, triton
 
 # ----------------------------------------------------------------------------- reference
 
@@ -43,7 +42,7 @@ def velocity_mse_reference(pred: torch.Tensor, data: torch.Tensor, noise: torch.
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@jit
 def _flow_interpolate_fwd_kernel(x0_ptr, noise_ptr, tau_ptr, out_ptr, M, BLOCK: tl.constexpr):
     # grid = (cdiv(M, BLOCK), B): axis 1 is the sample (CUDA allows 65535 there), so tau is
     # one scalar load per program.
@@ -59,7 +58,7 @@ def _flow_interpolate_fwd_kernel(x0_ptr, noise_ptr, tau_ptr, out_ptr, M, BLOCK: 
     tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _flow_interpolate_bwd_kernel(
     grad_ptr,
     x0_ptr,
@@ -89,7 +88,7 @@ def _flow_interpolate_bwd_kernel(
         tl.store(tau_partial_ptr + b * tl.num_programs(0) + pid_m, tl.sum(g * (noise - x0), axis=0))
 
 
-@triton.jit
+@jit
 def _velocity_mse_kernel(
     pred_ptr,
     data_ptr,

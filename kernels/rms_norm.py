@@ -17,10 +17,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
 from .backend import use_triton
+from .triton_utils import jit, store_cast, tl, triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -40,22 +39,7 @@ def rms_norm_modulate_reference(
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
-def _store(ptr, y, mask, EMULATE_RNE: tl.constexpr):
-    """Store float32 y in the pointer's dtype, rounding to nearest even.
-
-    GPUs round fp32 -> bf16 to nearest even; Triton's CPU interpreter truncates, which doubles the
-    error the CPU tests see. With EMULATE_RNE (set on CPU only) bf16 is rounded on the bits instead.
-    """
-    if EMULATE_RNE and ptr.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
+@jit
 def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, stride_x, stride_y, D, eps, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr
 ):
@@ -68,10 +52,10 @@ def _rms_norm_fwd_kernel(
     # eps arrives as a Python float (fp64 under Inductor); cast once so the math stays fp32.
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + tl.cast(eps, tl.float32))
     tl.store(RSTD + row, rstd)
-    _store(Y + row * stride_y + cols, x * rstd * w, mask, EMULATE_RNE)
+    store_cast(Y + row * stride_y + cols, x * rstd * w, mask, EMULATE_RNE)
 
 
-@triton.jit
+@jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, D, rows_per_prog,
     BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr,
@@ -95,12 +79,12 @@ def _rms_norm_bwd_kernel(
         xhat = x * rstd
         g = dy * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
-        _store(DX + r * stride_dx + cols, dx, mask, EMULATE_RNE)
+        store_cast(DX + r * stride_dx + cols, dx, mask, EMULATE_RNE)
         dw += dy * xhat
     tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=mask)
 
 
-@triton.jit
+@jit
 def _rms_norm_modulate_fwd_kernel(
     X, W, SHIFT, SCALE, Y, RSTD,
     stride_xb, stride_xl, stride_shb, stride_shl, stride_scb, stride_scl,
@@ -123,10 +107,10 @@ def _rms_norm_modulate_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + tl.cast(eps, tl.float32))
     tl.store(RSTD + row, rstd)
     y = x * rstd * w * (1.0 + scale) + shift
-    _store(Y + row * D + cols, y, mask, EMULATE_RNE)
+    store_cast(Y + row * D + cols, y, mask, EMULATE_RNE)
 
 
-@triton.jit
+@jit
 def _rms_norm_modulate_bwd_kernel(
     DY, X, W, SCALE, RSTD, DX, DW_PART, DSCALE, DSHIFT_PART, DSCALE_PART,
     stride_dyb, stride_dyl, stride_xb, stride_xl, stride_scb, stride_scl,
@@ -166,13 +150,13 @@ def _rms_norm_modulate_bwd_kernel(
         dn = dy * (1.0 + scale)
         g = dn * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
-        _store(DX + row * D + cols, dx, mask, EMULATE_RNE)
+        store_cast(DX + row * D + cols, dx, mask, EMULATE_RNE)
         dw += dn * xhat
         if PER_SAMPLE:
             dscale_acc += dy * xhat * w
             dshift_acc += dy
         else:
-            _store(DSCALE + row * D + cols, dy * xhat * w, mask, EMULATE_RNE)
+            store_cast(DSCALE + row * D + cols, dy * xhat * w, mask, EMULATE_RNE)
     part = b * num_chunks + c
     tl.store(DW_PART + part * D + cols, dw, mask=mask)
     if PER_SAMPLE:

@@ -15,18 +15,8 @@ from __future__ import annotations
 import torch
 
 from .backend import interpreter_active, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # no triton wheel for this platform: only the PyTorch references run
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
+from .triton_utils import cast_to, tl, triton
+from .triton_utils import jit as _jit
 
 # Tile of one program: rows x padded head dim, ~2048 elements on the GPU (16 per thread at
 # 4 warps, for each of x, its pair, cos and sin). The interpreter runs each program in
@@ -106,21 +96,6 @@ def load_rope(rows, offs_d, mask, cos, sin, BACKWARD: tl.constexpr):
     if BACKWARD:
         return x * cos + tl.where(even, x_pair, -x_pair) * sin
     return x * cos + tl.where(even, -x_pair, x_pair) * sin
-
-
-@_jit
-def cast_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 tile -> dtype, rounding to nearest even like the GPU does.
-
-    The interpreter's fp32 -> bf16 cast truncates; round the fp32 bits by hand there so
-    that interpreter results carry the GPU's (unbiased) rounding error.
-    """
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            u = x.to(tl.uint32, bitcast=True)
-            u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-            x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @_jit

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from .backend import use_triton
+from .triton_utils import jit, store_cast, tl, triton
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
@@ -27,22 +26,7 @@ def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
-def _store(ptr, y, mask, EMULATE_RNE: tl.constexpr):
-    """Store float32 y in the pointer's dtype, rounding to nearest even.
-
-    GPUs round fp32 -> bf16 to nearest even; Triton's CPU interpreter truncates, which doubles the
-    error the CPU tests see. With EMULATE_RNE (set on CPU only) bf16 is rounded on the bits instead.
-    """
-    if EMULATE_RNE and ptr.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr, y.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
+@jit
 def _swiglu_fwd_kernel(Hp, Y, stride_h, stride_y, H, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """Program (row, j) handles columns [j * BLOCK, (j + 1) * BLOCK) of one row; a = h[:H], b = h[H:]."""
     row = tl.program_id(0).to(tl.int64)
@@ -51,10 +35,10 @@ def _swiglu_fwd_kernel(Hp, Y, stride_h, stride_y, H, BLOCK: tl.constexpr, EMULAT
     a = tl.load(Hp + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(Hp + row * stride_h + H + cols, mask=mask, other=0.0).to(tl.float32)
     y = a * tl.sigmoid(a) * b
-    _store(Y + row * stride_y + cols, y, mask, EMULATE_RNE)
+    store_cast(Y + row * stride_y + cols, y, mask, EMULATE_RNE)
 
 
-@triton.jit
+@jit
 def _swiglu_bwd_kernel(
     DY, Hp, DH, stride_dy, stride_h, stride_dh, H, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr
 ):
@@ -69,8 +53,8 @@ def _swiglu_bwd_kernel(
     silu = a * s
     da = dy * b * (s + silu * (1.0 - s))
     db = dy * silu
-    _store(DH + row * stride_dh + cols, da, mask, EMULATE_RNE)
-    _store(DH + row * stride_dh + H + cols, db, mask, EMULATE_RNE)
+    store_cast(DH + row * stride_dh + cols, da, mask, EMULATE_RNE)
+    store_cast(DH + row * stride_dh + H + cols, db, mask, EMULATE_RNE)
 
 
 # ----------------------------------------------------------------------------- launchers
