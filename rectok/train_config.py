@@ -1,0 +1,557 @@
+"""Training configuration: dataclasses, named presets, and command-line overrides.
+
+Config flows one way: dataclass defaults -> preset (per stage) -> optional JSON file ->
+`--section.field value` overrides. The resolved config is printed at start and stored
+in every checkpoint, so a run can be rebuilt from its checkpoint alone.
+
+Batch sizes: `global_batch` is the number of images per optimizer step over all GPUs
+and nodes (the paper's "batch 1024"); `micro_batch` is what one GPU runs per forward.
+Gradient accumulation fills the gap: accum = global_batch / (micro_batch * world_size),
+which must be a whole number. The learning rate, when not given, is scaled from the
+global batch: lr = blr * global_batch / 256. Epochs are passes over the training set;
+one optimizer step consumes global_batch images.
+
+Presets, selected by (stage, name):
+- tokenizer / rectok-B : stage 1 of the release (SPEC section 5), ImageNet 256 px, 200 epochs.
+- decoder   / rectok-B : stage 2, pixel-decoder fine-tuning from a stage-1 checkpoint.
+- dit       / dit-dh-xl: DiT^DH-XL on the tokenizer's latents (SPEC section 6), 80 epochs.
+- dit       / dit-dh-s : DiT^DH-S, the AutoGuidance "weak" model (30 epochs).
+- <stage>   / tiny     : CPU-sized versions on the generated demo dataset (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("tokenizer", "decoder", "dit")
+PRECISIONS = ("bf16", "fp16", "fp32")  # fp16 uses a GradScaler; bf16 and fp32 need none
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+LR_SCHEDULES = ("cosine", "constant", "const_linear")
+NOISE_SCHEDULES = ("shift", "uniform", "lognorm")
+PERCEPTUAL_WEIGHTS = ("pretrained", "random")
+TEACHERS = ("dinov3", "dinov2", "tiny")
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo"  # ImageFolder-style root, or "demo" for the generated demo dataset
+    hflip: bool = True  # random horizontal flip (training only)
+    num_workers: int = 4
+    eval_images: int = 16  # held-out images for the reconstruction grid / PSNR
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0  # absolute learning rate; 0 = blr * global_batch / 256
+    blr: float = 1e-4  # base learning rate per 256 images
+    min_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | constant | const_linear (see rectok.optim.LRSchedule)
+    warmup_epochs: float = 50.0
+    hold_epochs: float = 0.0  # const_linear: constant until here
+    decay_end_epochs: float = 0.0  # const_linear / cosine: reach min_lr here; 0 = at the last epoch
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 1e-4
+    grad_clip: float = 3.0  # max total grad norm; 0 disables clipping (the norm is logged either way)
+    ema_decay: float = 0.999
+
+
+@dataclass
+class LossConfig:
+    mse: float = 1.0
+    perceptual: float = 1.0
+    kl: float = 1e-6
+    semantic: float = 1.0
+    gan: float = 0.5
+    gan_start_epoch: float = 100.0  # generator term and discriminator updates from this epoch on
+    perceptual_weights: str = "pretrained"  # pretrained (local files) | random (tests / demos only)
+    weights_dir: str = ""  # folder with vgg16-397923af.pth and convnext_small-0c510722.pth
+    perceptual_resize: int = 224  # ConvNeXt input size
+    disc_ndf: int = 64
+    disc_layers: int = 3
+
+
+@dataclass
+class TokenizerTrainConfig:
+    preset: str = "rectok-B"  # rectok.tokenizer.PRESETS
+    token_channels: int = 0  # 0 = the preset's C
+    teacher: str = "dinov3"  # dinov3 | dinov2 (ViT-L) | tiny (small DINOv3-style ViT for tests and demos)
+    teacher_weights: str = ""  # local weight file; "" = HF / torch hub cache (offline); "random" = untrained
+    mask_ratio_min: float = -0.1  # r = max(0, U(min, max)) per step
+    mask_ratio_max: float = 0.4
+    noise_schedule: str = "shift"
+    timestep_shift: float = 0.0  # 0 = sqrt(grid_h * grid_w * C / 4096)
+    gamma: float = 1.0  # forward-flow noise scale (0: no flow)
+    init_from: str = ""  # decoder stage: the stage-1 checkpoint (.pt of this project)
+
+
+@dataclass
+class DiTTrainConfig:
+    preset: str = "dit-dh-xl"  # rectok.dit.DIT_DH_PRESETS
+    tokenizer_ckpt: str = ""  # checkpoint (.pt) or exported .safetensors of the tokenizer
+    num_classes: int = 0  # 0 = the dataset's number of classes
+    label_dropout: float = 0.1
+    time_shift: float = 0.0  # 0 = the tokenizer's sqrt(h * w * C / 4096)
+    cache_latents: bool = False  # encode the dataset once, store posterior moments (+ flipped copies)
+    cache_dir: str = ""  # default: <run_dir>/latent_cache
+    stats_batches: int = 0  # batches for the latent statistics; 0 = the whole training set
+    sample_steps: int = 50  # Euler grid points of the periodic sample grids
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard of every block)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "tokenizer"
+    preset: str = "tiny"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs float32
+    compile: bool = False
+    kernels: str = "auto"  # auto | triton | torch (rectok.kernels backend)
+    epochs: float = 200.0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    global_batch: int = 1024  # images per optimizer step over all ranks
+    micro_batch: int = 64  # images per GPU per forward
+    log_every: int = 50
+    image_every: int = 1000  # reconstruction / sample grid PNG every N steps (0 = start and end only)
+    ckpt_every: int = 5000  # checkpoint every N steps (and at the end)
+    keep_last: int = 3
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    tensorboard: bool = True
+    resume: str = ""  # path, run folder, or "auto" (latest in run_dir, else start fresh)
+    export: bool = True  # write the EMA weights as safetensors at the end
+    debug_nan_steps: str = ""  # testing only: comma-separated steps whose loss is made NaN
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tok: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    dit: DiTTrainConfig = field(default_factory=DiTTrainConfig)
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def grad_accum(self, world_size: int) -> int:
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+                f"world size {world_size} = {per_step}; choose --global_batch / --micro_batch "
+                "so that it divides"
+            )
+        return self.global_batch // per_step
+
+    def base_lr(self) -> float:
+        return self.optim.lr if self.optim.lr > 0 else self.optim.blr * self.global_batch / 256
+
+    def nan_steps(self) -> set[int]:
+        return {int(s) for s in self.debug_nan_steps.split(",") if s.strip()}
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError with an actionable message for any bad value; returns self."""
+        err = _Errors()
+        err.choice("stage", self.stage, STAGES)
+        err.choice("precision", self.precision, PRECISIONS)
+        err.choice("kernels", self.kernels, KERNEL_BACKENDS)
+        err.choice("device", self.device, ("auto", "cpu", "cuda"))
+        err.check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        err.check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        err.check(
+            self.global_batch >= 1 and self.micro_batch >= 1, "global_batch and micro_batch must be >= 1"
+        )
+        err.check(
+            self.global_batch % self.micro_batch == 0,
+            f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}",
+        )
+        for name in ("log_every", "image_every", "ckpt_every", "keep_last"):
+            err.check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        err.check(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+        try:
+            self.nan_steps()
+        except ValueError:
+            err.check(
+                False, f"debug_nan_steps must be comma-separated integers, got {self.debug_nan_steps!r}"
+            )
+        err.check(self.data.num_workers >= 0, "data.num_workers must be >= 0")
+        err.check(self.data.eval_images >= 1, "data.eval_images must be >= 1")
+
+        o = self.optim
+        err.check(o.lr >= 0, f"optim.lr must be >= 0 (0 = scale blr by the batch), got {o.lr}")
+        err.check(o.blr > 0 or o.lr > 0, f"optim.blr must be > 0, got {o.blr}")
+        err.check(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
+        err.choice("optim.schedule", o.schedule, LR_SCHEDULES)
+        for name in ("warmup_epochs", "hold_epochs", "decay_end_epochs", "weight_decay", "grad_clip"):
+            err.check(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
+        err.check(
+            0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas must lie in [0, 1), got {o.beta1}, {o.beta2}"
+        )
+        err.check(0 <= o.ema_decay < 1, f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
+
+        lo = self.loss
+        for name in ("mse", "perceptual", "kl", "semantic", "gan", "gan_start_epoch"):
+            err.check(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+        err.choice("loss.perceptual_weights", lo.perceptual_weights, PERCEPTUAL_WEIGHTS)
+        err.check(
+            lo.perceptual_resize >= 32, f"loss.perceptual_resize must be >= 32, got {lo.perceptual_resize}"
+        )
+        err.check(lo.disc_ndf >= 1 and lo.disc_layers >= 1, "loss.disc_ndf and loss.disc_layers must be >= 1")
+
+        t = self.tok
+        err.choice("tok.teacher", t.teacher, TEACHERS)
+        err.choice("tok.noise_schedule", t.noise_schedule, NOISE_SCHEDULES)
+        err.check(t.token_channels >= 0, f"tok.token_channels must be >= 0, got {t.token_channels}")
+        err.check(
+            -1.0 < t.mask_ratio_min <= t.mask_ratio_max < 1.0,
+            f"mask ratio range must satisfy -1 < tok.mask_ratio_min <= tok.mask_ratio_max < 1, "
+            f"got ({t.mask_ratio_min}, {t.mask_ratio_max})",
+        )
+        err.check(t.timestep_shift >= 0 and t.gamma >= 0, "tok.timestep_shift and tok.gamma must be >= 0")
+        if self.stage == "decoder":
+            err.check(bool(t.init_from), "the decoder stage needs --tok.init_from <stage-1 checkpoint>")
+            err.check(
+                lo.kl == 0 and lo.semantic == 0,
+                "the decoder stage trains only the pixel decoder (frozen encoder, no teacher): "
+                f"loss.kl and loss.semantic must be 0, got {lo.kl}, {lo.semantic}",
+            )
+
+        d = self.dit
+        err.check(0 <= d.label_dropout < 1, f"dit.label_dropout must lie in [0, 1), got {d.label_dropout}")
+        err.check(d.time_shift >= 0 and d.num_classes >= 0, "dit.time_shift and dit.num_classes must be >= 0")
+        err.check(d.sample_steps >= 2, f"dit.sample_steps must be >= 2, got {d.sample_steps}")
+        err.choice("dit.parallel", d.parallel, DISTRIBUTED)
+        if self.stage == "dit":
+            err.check(
+                bool(d.tokenizer_ckpt), "the dit stage needs --dit.tokenizer_ckpt <tokenizer checkpoint>"
+            )
+        err.raise_if_any()
+        return self
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.messages.append(message)
+
+    def choice(self, name: str, value: str, choices: tuple[str, ...]) -> None:
+        self.check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise ValueError("invalid training config:\n  - " + "\n  - ".join(self.messages))
+
+
+# ---------------------------------------------------------------------- presets
+_TINY_COMMON = {
+    "run_dir": "runs/demo",
+    "precision": "fp32",
+    "global_batch": 32,
+    "micro_batch": 32,
+    "log_every": 10,
+    "ckpt_every": 200,
+    "keep_last": 2,
+    "data.path": "demo",
+    "data.num_workers": 0,
+    "data.eval_images": 16,
+}
+
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    # Stage 1 of the release: 200 epochs, batch 1024, lr 1e-4 * 1024 / 256, 50 warm-up epochs, cosine.
+    ("tokenizer", "rectok-B"): {
+        "run_dir": "runs/rectok-B",
+        "epochs": 200,
+        "global_batch": 1024,
+        "micro_batch": 64,
+        "tok.preset": "rectok-B",
+        "tok.teacher": "dinov3",
+        "optim.blr": 1e-4,
+        "optim.warmup_epochs": 50,
+        "optim.grad_clip": 3.0,
+        "optim.ema_decay": 0.999,
+        "loss.gan_start_epoch": 100,
+    },
+    # Stage 2: pixel decoder only, 100 epochs, lr 5e-5 * 1024 / 256, 5% warm-up, GAN from epoch 0.
+    ("decoder", "rectok-B"): {
+        "run_dir": "runs/rectok-B-decoder",
+        "epochs": 100,
+        "global_batch": 1024,
+        "micro_batch": 64,
+        "tok.preset": "rectok-B",
+        "tok.gamma": 0.0,
+        "tok.mask_ratio_min": 0.0,
+        "tok.mask_ratio_max": 0.0,
+        "optim.blr": 5e-5,
+        "optim.warmup_epochs": 5,
+        "loss.kl": 0.0,
+        "loss.semantic": 0.0,
+        "loss.gan_start_epoch": 0,
+    },
+    # DiT^DH-XL: lr 2e-4 constant to epoch 40, linear to 2e-5 at epoch 800; 80-epoch headline run.
+    ("dit", "dit-dh-xl"): {
+        "run_dir": "runs/dit-dh-xl",
+        "epochs": 80,
+        "global_batch": 1024,
+        "micro_batch": 128,
+        "dit.preset": "dit-dh-xl",
+        "optim.lr": 2e-4,
+        "optim.min_lr": 2e-5,
+        "optim.schedule": "const_linear",
+        "optim.warmup_epochs": 0,
+        "optim.hold_epochs": 40,
+        "optim.decay_end_epochs": 800,
+        "optim.weight_decay": 0.0,
+        "optim.grad_clip": 1.0,
+        "optim.ema_decay": 0.9995,
+        "image_every": 5000,
+    },
+    # DiT^DH-S trained 30 epochs with the same recipe: the AutoGuidance weak model.
+    ("dit", "dit-dh-s"): {
+        "run_dir": "runs/dit-dh-s",
+        "epochs": 30,
+        "global_batch": 1024,
+        "micro_batch": 256,
+        "dit.preset": "dit-dh-s",
+        "optim.lr": 2e-4,
+        "optim.min_lr": 2e-5,
+        "optim.schedule": "const_linear",
+        "optim.warmup_epochs": 0,
+        "optim.hold_epochs": 40,
+        "optim.decay_end_epochs": 800,
+        "optim.weight_decay": 0.0,
+        "optim.grad_clip": 1.0,
+        "optim.ema_decay": 0.9995,
+        "image_every": 5000,
+    },
+    # CPU demo (`python train.py`): tiny tokenizer, untrained tiny teacher, demo images, 600 steps.
+    # Perceptual nets are off (random VGG/ConvNeXt would measure nothing and cost most of the CPU
+    # time) and so is the GAN (a few hundred steps are too few for it to help; --loss.gan 0.5
+    # turns it on, and the tiny decoder stage trains with it from epoch 0).
+    ("tokenizer", "tiny"): {
+        **_TINY_COMMON,
+        "epochs": 60,
+        "image_every": 100,
+        "tok.preset": "rectok-tiny",
+        "tok.teacher": "tiny",
+        "tok.teacher_weights": "random",
+        "optim.lr": 1e-3,
+        "optim.warmup_epochs": 2,
+        "optim.min_lr": 1e-5,
+        "optim.ema_decay": 0.99,
+        "loss.perceptual": 0.0,
+        "loss.perceptual_weights": "random",
+        "loss.gan": 0.0,
+        "loss.disc_ndf": 16,
+    },
+    # Stage 2 on the demo tokenizer: exercises the frozen-encoder / fresh-GAN path. Without a
+    # perceptual loss and with 50 steps the GAN term costs PSNR here (it buys realism at scale).
+    ("decoder", "tiny"): {
+        **_TINY_COMMON,
+        "run_dir": "runs/demo-decoder",
+        "epochs": 5,
+        "image_every": 100,
+        "tok.preset": "rectok-tiny",
+        "tok.gamma": 0.0,
+        "tok.mask_ratio_min": 0.0,
+        "tok.mask_ratio_max": 0.0,
+        "tok.init_from": "runs/demo",
+        "optim.lr": 5e-5,
+        "optim.warmup_epochs": 0.25,
+        "optim.ema_decay": 0.99,
+        "loss.kl": 0.0,
+        "loss.semantic": 0.0,
+        "loss.perceptual": 0.0,
+        "loss.perceptual_weights": "random",
+        "loss.gan_start_epoch": 0,
+        "loss.disc_ndf": 16,
+    },
+    ("dit", "tiny"): {
+        **_TINY_COMMON,
+        "run_dir": "runs/demo-dit",
+        "epochs": 20,
+        "image_every": 200,
+        "dit.preset": "dit-dh-tiny",
+        "dit.tokenizer_ckpt": "runs/demo",
+        "dit.sample_steps": 20,
+        "optim.lr": 1e-3,
+        "optim.min_lr": 1e-4,
+        "optim.schedule": "const_linear",
+        "optim.warmup_epochs": 0,
+        "optim.hold_epochs": 10,
+        "optim.weight_decay": 0.0,
+        "optim.grad_clip": 1.0,
+        "optim.ema_decay": 0.99,
+    },
+}
+
+
+def preset_names(stage: str) -> list[str]:
+    return [name for s, name in PRESETS if s == stage]
+
+
+# ---------------------------------------------------------------------- overrides
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _sections() -> dict[str, type]:
+    hints = _field_types(TrainConfig)
+    return {name: tp for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+
+
+def leaf_fields() -> dict[str, Any]:
+    """Dotted name -> type for every settable field ("epochs", "optim.lr", ...)."""
+    out: dict[str, Any] = {}
+    sections = _sections()
+    for name, tp in _field_types(TrainConfig).items():
+        if name in sections:
+            for sub, sub_tp in _field_types(tp).items():
+                out[f"{name}.{sub}"] = sub_tp
+        else:
+            out[name] = tp
+    return out
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """A JSON / CLI value converted to the field's type, or ValueError naming the key."""
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {tp.__name__}") from None
+    raise TypeError(f"unsupported config field type {tp} for {key}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Set dotted keys ("optim.lr": 1e-4) in place; unknown keys raise ValueError with suggestions."""
+    leaves = leaf_fields()
+    for key, value in overrides.items():
+        if key not in leaves:
+            close = [k for k in leaves if key.split(".")[-1] in k]
+            hint = f" (did you mean {', '.join(close[:4])}?)" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}")
+        value = _coerce(key, value, leaves[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved with to_dict() (e.g. from a checkpoint); unknown keys raise."""
+    return apply_overrides(TrainConfig(), _flatten(d)).validate()
+
+
+def make_config(stage: str = "tokenizer", preset: str = "tiny", **overrides: Any) -> TrainConfig:
+    """defaults -> preset (stage, preset) -> overrides (dotted keys, or nested via "__": optim__lr)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if (stage, preset) not in PRESETS:
+        raise ValueError(
+            f"unknown preset {preset!r} for stage {stage!r}; choose one of {', '.join(preset_names(stage))}"
+        )
+    cfg = apply_overrides(TrainConfig(stage=stage, preset=preset), PRESETS[(stage, preset)])
+    apply_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    return cfg.validate()
+
+
+def _field_comments() -> dict[str, str]:
+    """Dotted key -> the `# comment` beside its dataclass field (used as --help text)."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for prefix, cls in [("", TrainConfig), *((f"{n}.", t) for n, t in _sections().items())]:
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+            if m:
+                out[prefix + m.group(1)] = m.group(2)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse built from the dataclass fields: --optim.lr etc., plus --lr where the leaf name is unique."""
+    parser = argparse.ArgumentParser(
+        description="Train RecTok (tokenizer stage 1 / decoder stage 2) or DiT^DH. "
+        "With no arguments: the CPU demo (tiny tokenizer on generated images).",
+        epilog="Defaults shown are those of --stage tokenizer --preset tiny; a preset sets its own.",
+    )
+    parser.add_argument("--config", default="", help="JSON file of overrides (e.g. a saved config.json)")
+    leaves = leaf_fields()
+    comments = _field_comments()
+    defaults = _flatten(make_config("tokenizer", "tiny").to_dict())
+    counts: dict[str, int] = {}
+    for key in leaves:
+        counts[key.split(".")[-1]] = counts.get(key.split(".")[-1], 0) + 1
+    for key, tp in leaves.items():
+        short = key.split(".")[-1]
+        flags = [f"--{key}"] + (
+            [f"--{short}"] if "." in key and counts[short] == 1 and short not in leaves else []
+        )
+        text = f"{comments.get(key, '')} (default: {defaults[key]!r})".strip()
+        kwargs: dict[str, Any] = {
+            "dest": key,
+            "default": argparse.SUPPRESS,
+            "metavar": tp.__name__.upper(),
+            "help": text.replace("%", "%%"),
+        }
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """defaults -> preset -> --config JSON -> command-line values; validated."""
+    args = vars(build_parser().parse_args(argv))
+    file_overrides: dict[str, Any] = {}
+    if args.get("config"):
+        with open(args.pop("config")) as f:
+            file_overrides = _flatten(json.load(f))
+    args.pop("config", None)
+    stage = args.get("stage", file_overrides.get("stage", "tokenizer"))
+    preset = args.get("preset", file_overrides.get("preset", "tiny"))
+    cfg = make_config(stage, preset)
+    apply_overrides(cfg, {k: v for k, v in file_overrides.items() if k not in ("stage", "preset")})
+    apply_overrides(cfg, {k: v for k, v in args.items() if k not in ("stage", "preset")})
+    return cfg.validate()
+
+
+def format_config(cfg: TrainConfig) -> str:
+    """The resolved config as indented JSON (what is printed at start and saved as config.json)."""
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,358 @@
+"""End-to-end training (train.py) on tiny presets and a tiny generated dataset, CPU only.
+
+Proves: every stage runs and writes what it promises (checkpoint + latest + manifest,
+config, metrics, EMA safetensors, image grids) with bare module names; stage 2 keeps
+the encoder frozen; the DiT latent cache replays exactly the samples and flips of the
+image loader; the tokenizer loss falls on demo images; an interrupted run resumed from
+its checkpoint reproduces the uninterrupted per-step losses bit for bit (tokenizer with
+GAN and grad accumulation across an epoch boundary, and DiT); torchrun with two gloo
+ranks keeps the ranks' parameters identical; a non-finite loss skips its update, is
+counted, and N in a row stop the run; bad config values fail with a clear message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rectok import checkpoint as ck
+from rectok.train_config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location("rectok_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from rectok.demo_data import ensure_demo_dataset
+
+    # 16 training images: 2 optimizer steps per epoch at global batch 8.
+    return ensure_demo_dataset(
+        tmp_path_factory.mktemp("demo"), train_per_class=2, val_per_class=1, min_size=64, max_size=80
+    )
+
+
+def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--data.path", str(data), "--run_dir", str(run_dir), "--global_batch", "8", "--micro_batch", "4",
+        "--log_every", "1", "--image_every", "0", "--ckpt_every", "0", "--tensorboard", "false",
+        "--data.eval_images", "4", "--data.num_workers", "0", *extra,
+    ]  # fmt: skip
+
+
+def _no_wrapper_prefixes(state: dict) -> bool:
+    return not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in state)
+
+
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("stage1")
+    res = train.main(
+        _args(data, run_dir, "--max_steps", "3", "--loss.gan", "0.5", "--loss.gan_start_epoch", "0")
+    )
+    return run_dir, res
+
+
+def test_tokenizer_stage_writes_a_complete_run(stage1):
+    run_dir, res = stage1
+    assert res["step"] == 3 and len(res["history"]) == 3 and all(math.isfinite(v) for v in res["history"])
+    for name in (
+        "latest",
+        "manifest.json",
+        "config.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "tokenizer_ema.safetensors",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == [
+        "recon_0000000.png",
+        "recon_0000003.png",
+    ]
+    state = ck.load_checkpoint(run_dir)  # weights_only=True
+    assert state["step"] == 3 and _no_wrapper_prefixes(state["model"]) and _no_wrapper_prefixes(state["disc"])
+    assert any(k.startswith("semantic_decoder.") for k in state["model"])  # stage 1 trains the FSD/RAD head
+    cfg = from_dict(state["config"])  # the checkpoint alone rebuilds the run's config
+    assert (cfg.stage, cfg.preset, cfg.max_steps) == ("tokenizer", "tiny", 3)
+    assert ck.verify_checkpoint(ck.latest_checkpoint(run_dir))
+    weights, meta = ck.read_safetensors(run_dir / "tokenizer_ema.safetensors")
+    assert meta["config"]["semantic_dim"] == 0 and not any(k.startswith("semantic_decoder.") for k in weights)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "mse", "kl", "semantic", "gan_g", "d_loss", "grad_norm", "grad_norm_d", "lr"):
+        assert key in records[-1], key
+    assert records[-1]["semantic"] > 0 and records[-1]["kl"] > 0
+
+
+def test_decoder_stage_trains_only_the_pixel_decoder(stage1, data, tmp_path):
+    run_dir, _ = stage1
+    init = ck.load_checkpoint(run_dir)["model"]
+    res = train.main(
+        _args(data, tmp_path, "--stage", "decoder", "--tok.init_from", str(run_dir), "--max_steps", "2")
+        + [
+            "--loss.perceptual",
+            "1.0",
+            "--loss.perceptual_weights",
+            "random",
+            "--loss.perceptual_resize",
+            "32",
+        ]
+    )
+    tok = res["model"]
+    assert tok.semantic_decoder is None
+    for name, value in tok.state_dict().items():
+        if name.startswith("encoder."):
+            assert torch.equal(value, init[name]), name  # frozen
+    changed = [
+        n for n, v in tok.pixel_decoder.state_dict().items() if not torch.equal(v, init[f"pixel_decoder.{n}"])
+    ]
+    assert changed
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["perceptual"] > 0 and "d_loss" in last and last["kl"] == 0 and last["semantic"] == 0
+
+
+def test_dit_stage_with_latent_cache_replays_the_image_loader(stage1, data, tmp_path):
+    run_dir, _ = stage1
+    res = train.main(
+        _args(data, tmp_path, "--stage", "dit", "--dit.tokenizer_ckpt", str(run_dir), "--max_steps", "3")
+        + ["--dit.cache_latents", "true", "--dit.sample_steps", "3"]
+    )
+    assert all(math.isfinite(v) for v in res["history"])
+    for name in ("dit_ema.safetensors", "latent_stats.safetensors", "images/samples_0000003.png"):
+        assert (tmp_path / name).is_file(), name
+    state = ck.load_checkpoint(tmp_path)
+    assert set(state["latent_stats"]) == {"mean", "std"} and _no_wrapper_prefixes(state["model"])
+
+    # The cache holds plain and flipped moments; batch by batch it must equal encoding the images the
+    # image loader yields for the same epoch (same order, same flips), up to float16 storage.
+    from rectok.data import build_loader
+
+    tok, _ = train.load_tokenizer(run_dir, torch.device("cpu"))
+    tok.eval()
+    cache = next((tmp_path / "latent_cache").glob("moments_*.npy"))
+    images = build_loader(
+        data, split="train", batch_size=4, image_size=64, train=True, hflip=True, num_workers=0
+    )
+    cached = train.CachedMoments(cache, images.samples.labels, 4, 0, 1, seed=0, hflip=True)
+    for epoch in (0, 1):
+        images.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for a, b in zip(images, cached):
+            assert torch.equal(a["label"], b["label"])
+            with torch.no_grad():
+                ref = tok.encoder(a["image"])
+            torch.testing.assert_close(b["moments"], ref, rtol=2e-3, atol=2e-3)
+
+
+def test_tokenizer_loss_falls_on_demo_images(data, tmp_path):
+    res = train.main(
+        _args(data, tmp_path, "--max_steps", "50", "--optim.warmup_epochs", "1", "--export", "false")
+    )
+    h = res["history"]
+    first, last = float(np.mean(h[:10])), float(np.mean(h[-10:]))
+    assert last < 0.6 * first, (first, last)
+    assert res["eval_end"]["psnr"] > res["eval_start"]["psnr"] + 1.0
+
+
+def test_resume_is_bit_exact_tokenizer_with_gan_and_accumulation(data, tmp_path):
+    extra = ("--epochs", "3", "--loss.gan", "0.5", "--loss.gan_start_epoch", "1", "--export", "false")
+    full = train.main(_args(data, tmp_path / "a", *extra))["history"]
+    part1 = train.main(_args(data, tmp_path / "b", *extra, "--max_steps", "3"))["history"]
+    # step 3 is one step into epoch 1 (2 steps per epoch, 2 micro-batches per step)
+    part2 = train.main(_args(data, tmp_path / "b", *extra, "--resume", "auto"))
+    assert part2["start_step"] == 3
+    assert full == part1 + part2["history"]
+    assert len(full) == 6
+
+
+def test_resume_is_bit_exact_dit(stage1, data, tmp_path):
+    run_dir, _ = stage1
+    extra = ("--stage", "dit", "--dit.tokenizer_ckpt", str(run_dir), "--epochs", "2", "--export", "false")
+    extra += ("--image_every", "0", "--dit.sample_steps", "2")
+    full = train.main(_args(data, tmp_path / "a", *extra))["history"]
+    part1 = train.main(_args(data, tmp_path / "b", *extra, "--max_steps", "1"))["history"]
+    part2 = train.main(_args(data, tmp_path / "b", *extra, "--resume", str(tmp_path / "b")))["history"]
+    assert full == part1 + part2 and len(full) == 4
+
+
+def test_nonfinite_loss_skips_update_counts_and_stops(data, tmp_path):
+    poisoned = train.main(_args(data, tmp_path / "nan", "--max_steps", "3", "--debug_nan_steps", "2"))
+    assert poisoned["nonfinite_total"] == 1 and math.isnan(poisoned["history"][2])
+    clean = train.main(_args(data, tmp_path / "clean", "--max_steps", "2"))
+    # the poisoned step changed nothing: weights and EMA equal those of the run that stopped before it
+    for (name, a), b in zip(poisoned["model"].state_dict().items(), clean["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, value in poisoned["ema"].params.items():
+        assert torch.equal(value, clean["ema"].params[name]), name
+    assert json.loads((tmp_path / "nan" / "metrics.json").read_text())["nonfinite_steps"] == 1
+
+    with pytest.raises(train.NonFiniteLossError, match="2 non-finite losses in a row"):
+        train.main(
+            _args(
+                data,
+                tmp_path / "stop",
+                "--max_steps",
+                "5",
+                "--debug_nan_steps",
+                "1,2",
+                "--max_nonfinite",
+                "2",
+            )
+        )
+    assert ck.list_checkpoints(tmp_path / "stop") == []  # nothing written after the stop
+
+
+def test_bad_config_values_fail_clearly(data, tmp_path):
+    with pytest.raises(ValueError, match="optim.lr must be >= 0"):
+        train.main(_args(data, tmp_path, "--lr", "-1"))
+    with pytest.raises(ValueError, match="unknown preset 'nope' for stage 'tokenizer'"):
+        train.main(_args(data, tmp_path, "--preset", "nope"))
+    with pytest.raises(ValueError, match="mask ratio range"):
+        train.main(_args(data, tmp_path, "--tok.mask_ratio_max", "1.5"))
+    with pytest.raises(ValueError, match="global_batch 6 must be a multiple of micro_batch 4"):
+        train.main(_args(data, tmp_path, "--global_batch", "6"))
+    with pytest.raises(ValueError, match="loss.kl and loss.semantic must be 0"):
+        train.main(_args(data, tmp_path, "--stage", "decoder", "--loss.kl", "1e-6"))
+    # the command line reports it as a message with exit code 2, not a traceback
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--optim.schedule", "linear"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "optim.schedule must be one of cosine" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_presets_overrides_and_batch_geometry(tmp_path):
+    from rectok.train_config import make_config, parse_args
+
+    s1 = parse_args(["--stage", "tokenizer", "--preset", "rectok-B"])
+    assert s1.base_lr() == pytest.approx(4e-4)  # 1e-4 * 1024 / 256
+    assert (s1.epochs, s1.optim.warmup_epochs, s1.loss.gan_start_epoch, s1.optim.ema_decay) == (
+        200,
+        50,
+        100,
+        0.999,
+    )
+    assert s1.grad_accum(world_size=8) == 2 and s1.grad_accum(world_size=16) == 1  # global 1024, 64 per GPU
+    s2 = make_config("decoder", "rectok-B", tok__init_from="runs/x")
+    assert s2.base_lr() == pytest.approx(2e-4) and s2.loss.kl == 0 and s2.loss.gan_start_epoch == 0
+    xl = make_config("dit", "dit-dh-xl", dit__tokenizer_ckpt="t.pt")
+    o = xl.optim
+    assert (o.schedule, o.lr, o.min_lr, o.hold_epochs, o.decay_end_epochs) == (
+        "const_linear",
+        2e-4,
+        2e-5,
+        40,
+        800,
+    )
+    assert (o.weight_decay, o.grad_clip, o.ema_decay, xl.epochs) == (0.0, 1.0, 0.9995, 80)
+    assert make_config("dit", "dit-dh-s", dit__tokenizer_ckpt="t.pt").dit.preset == "dit-dh-s"
+    # defaults -> preset -> JSON file -> command line; --lr is the unique alias of --optim.lr
+    (tmp_path / "c.json").write_text(json.dumps({"optim": {"lr": 0.5, "beta2": 0.9}, "seed": 3}))
+    cfg = parse_args(["--config", str(tmp_path / "c.json"), "--lr", "0.25", "--compile"])
+    assert (cfg.optim.lr, cfg.optim.beta2, cfg.seed, cfg.compile) == (0.25, 0.9, 3, True)
+    with pytest.raises(ValueError, match="world size 3"):
+        s1.grad_accum(world_size=3)
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+        make_config("tokenizer", "tiny", optim__lrr=1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_gloo_ranks_keep_identical_parameters(data, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(ROOT / 'train.py')!r})\n"
+        "train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)\n"
+        "res = train.main(sys.argv[1:])\n"
+        "out = os.path.join(os.environ['OUT'], 'rank' + os.environ['RANK'] + '.pt')\n"
+        "torch.save(res['model'].state_dict(), out)\n"
+    )
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    # global batch 8 = 2 ranks x micro-batch 2 x 2 accumulation steps; GAN on (a second DDP module)
+    args = _args(data, tmp_path / "run", "--max_steps", "3", "--micro_batch", "2", "--loss.gan", "0.5")
+    args += ["--loss.gan_start_epoch", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    proc = subprocess.run(
+        cmd + [str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    saved = ck.load_checkpoint(tmp_path / "run")
+    assert _no_wrapper_prefixes(saved["model"]) and len(saved["rng"]) == 2  # per-rank RNG states
+    assert all(torch.equal(saved["model"][k], a[k]) for k in a)
+    assert saved["data"]["world_size"] == 2 and saved["data"]["accum"] == 2
+
+
+def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
+    run_dir, _ = stage1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = _args(
+        data, tmp_path / "run", "--stage", "dit", "--dit.tokenizer_ckpt", str(run_dir), "--max_steps", "2"
+    )
+    args += ["--micro_batch", "2", "--dit.parallel", "fsdp", "--dit.sample_steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        f"--master_port={_free_port()}",
+    ]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = ck.load_checkpoint(tmp_path / "run")
+    from rectok.dit import DiTDH, DiTDHConfig
+
+    model = DiTDH(DiTDHConfig(**saved["model_config"]))
+    model.load_state_dict(saved["model"])  # full, unsharded tensors with bare names
+    assert set(saved["ema"]["params"]) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert saved["ema"]["params"][name].shape == p.shape, name
+    weights, meta = ck.read_safetensors(tmp_path / "run" / "dit_ema.safetensors")
+    assert set(weights) == set(model.state_dict()) and meta["step"] == 2
