@@ -26,6 +26,10 @@ BACKENDS = ("auto", "triton", "torch")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("rectok_kernels_backend", default=None)
 
 
+class TritonInterpreterRequired(RuntimeError):
+    """The Triton backend was asked to run on CPU tensors without Triton's interpreter."""
+
+
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -89,7 +93,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "kernel backend 'triton' was requested but triton is not installed (pip install triton)"
         )
     if not on_cuda and not interpreter_active():
-        raise RuntimeError(
+        raise TritonInterpreterRequired(
             "kernel backend 'triton' was requested for CPU tensors, which needs Triton's interpreter: "
             "set TRITON_INTERPRET=1 in the environment before Python starts, or use the 'torch' backend"
         )

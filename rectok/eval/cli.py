@@ -94,9 +94,10 @@ def cmd_stats(args) -> None:
 
 
 def _load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
-    from rectok.official import load_tokenizer
+    """Our checkpoints (run folder, ckpt_*.pt, *_ema.safetensors) or an official-layout file."""
+    from rectok.generate import load_tokenizer
 
-    return load_tokenizer(path).to(device).eval()
+    return load_tokenizer(path).model.to(device).eval()
 
 
 def _autocast(args) -> torch.dtype | None:
