@@ -1,8 +1,9 @@
 """Class-conditional generation: DiT^DH velocity field -> Euler -> tokenizer pixel decoder (SPEC section 7).
 
 The pieces sample.py puts together, kept here so they can be tested:
-- loading: our checkpoints (training `ckpt_*.pt`, a run folder, or an exported `.safetensors`
-  with its config in the metadata) and official-layout files (through rectok.official);
+- loading (rectok.model_io, re-exported here): our checkpoints (training `ckpt_*.pt`, a run
+  folder, or an exported `.safetensors` with its config in the metadata) and official-layout
+  files (through rectok.official);
 - latent statistics (per-channel mean / std of the tokenizer's posterior mean): from an
   explicit file, else the DiT^DH checkpoint, else the tokenizer checkpoint;
 - the sample plan: sample i has label classes[i % len(classes)] (the release's order) and its
@@ -18,212 +19,35 @@ The pieces sample.py puts together, kept here so they can be tested:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from rectok import checkpoint as ckpt_io
+from rectok import checkpoint as ckpt_io  # noqa: F401  (see the re-exports below)
 from rectok import flow
-from rectok.dit import DiTDH, DiTDHConfig, LatentNormalizer
+from rectok.dit import DiTDH, LatentNormalizer
 from rectok.eval.image_metrics import to_uint8
+
+# Loading lives in rectok.model_io (training and evaluation use it too); re-exported under the
+# names callers of this module use (sample.py also reaches the checkpoint helpers as gen.ckpt_io).
+from rectok.model_io import Loaded as Loaded
+from rectok.model_io import dit_model_config as dit_model_config
+from rectok.model_io import load_dit as load_dit
+from rectok.model_io import load_tokenizer as load_tokenizer
+from rectok.model_io import read_latent_stats as read_latent_stats
+from rectok.model_io import resolve_path as resolve_path
+from rectok.model_io import tokenizer_config as tokenizer_config
 from rectok.sampling import GUIDANCE, euler_sample
-from rectok.tokenizer import RecTok, RecTokConfig
+from rectok.tokenizer import RecTok
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- loading
-@dataclass
-class Loaded:
-    """A model read from disk, with where it came from (for result files)."""
-
-    model: nn.Module
-    path: Path
-    layout: str  # "ours" | "official"
-    config: dict | None = None  # the model config stored with our checkpoints
-    latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-    raw: dict = field(default_factory=dict, repr=False)  # the checkpoint's other entries / metadata
-
-    @property
-    def time_shift(self) -> float | None:
-        """The Euler time shift the DiT^DH was trained with (our checkpoints), else None."""
-        value = self.raw.get("time_shift")
-        return float(value) if isinstance(value, (int, float)) else None
-
-    @property
-    def tokenizer_path(self) -> str | None:
-        """The tokenizer checkpoint a DiT^DH was trained on (our checkpoints), else None."""
-        value = self.raw.get("tokenizer")
-        return value if isinstance(value, str) and value else None
-
-
-def resolve_path(path: str | os.PathLike, what: str, hint: str) -> Path:
-    """A checkpoint file: the file itself, or for a run folder its latest ckpt_*.pt, else its only
-    (or EMA) .safetensors export. FileNotFoundError with `hint` (the command that makes it)."""
-    path = Path(path)
-    if path.is_dir():
-        found = ckpt_io.latest_checkpoint(path)
-        if found is not None:
-            return found
-        exports = sorted(path.glob("*.safetensors"))
-        ema = [p for p in exports if "ema" in p.name]
-        if len(exports) == 1 or len(ema) == 1:
-            return (ema or exports)[0]
-        if exports:
-            raise FileNotFoundError(
-                f"{what}: {path} holds several .safetensors files ({', '.join(p.name for p in exports)}); "
-                "pass the one to use"
-            )
-        raise FileNotFoundError(f"{what}: no checkpoint (ckpt_*.pt or *.safetensors) in {path}. {hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist. {hint}")
-    return path
-
-
-def _stats_from(obj: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(mean, std) float32 [C] as train.py stores them: {"latent_stats": {"mean", "std"}} in a
-    training checkpoint, "latent_mean" / "latent_std" in the metadata of an export."""
-    if not isinstance(obj, Mapping):
-        return None
-    stats = obj.get("latent_stats")
-    if isinstance(stats, Mapping) and "mean" in stats and "std" in stats:
-        return _as_stats(stats["mean"], stats["std"])
-    if "latent_mean" in obj and "latent_std" in obj:
-        return _as_stats(obj["latent_mean"], obj["latent_std"])
-    return None
-
-
-def _as_stats(mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(-1)
-    std = torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(-1)
-    LatentNormalizer(mean, std)  # validates shapes and positivity
-    return mean, std
-
-
-def read_latent_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) [C] from a .safetensors / .pt (weights_only) / .npz / .json file with "mean" and
-    "std" (top level or under "latent_stats")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"latent statistics file not found: {path}")
-    if path.suffix == ".json":
-        obj = json.loads(path.read_text())
-    elif path.suffix == ".npz":
-        with np.load(path) as f:
-            obj = {k: f[k] for k in f.files}
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path))
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "mean" in obj and "std" in obj:
-        return _as_stats(obj["mean"], obj["std"])
-    stats = _stats_from(obj)
-    if stats is None:
-        keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(f"{path} holds no latent statistics: expected 'mean' and 'std' [C], found {keys}")
-    return stats
-
-
-def _read(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
-    """(state dict, model config or None for official-layout files, the other entries).
-
-    Our training checkpoints (train.py) hold "model", "ema" (EMA.state_dict: params + buffers),
-    "model_config" and, for DiT^DH, "latent_stats", "tokenizer" and "time_shift"; our exports
-    hold the model config as safetensors metadata "config" beside "latent_mean" / "latent_std" /
-    "time_shift" / "tokenizer".
-    """
-    if path.suffix == ".safetensors":
-        state, meta = ckpt_io.read_safetensors(path)
-        config = meta.get("config")
-        return state, config if isinstance(config, dict) else None, meta
-    obj = ckpt_io.load_checkpoint(path)
-    if isinstance(obj, Mapping) and "model_config" in obj and ("model" in obj or "ema" in obj):
-        ema = obj.get("ema")
-        if use_ema and isinstance(ema, Mapping):
-            # EMA.state_dict() keeps parameters and buffers apart; a plain state dict is used as is.
-            state = {**ema["params"], **ema["buffers"]} if "params" in ema else dict(ema)
-        else:
-            state = dict(obj["model"])
-        skip = ("model", "ema", "optimizer", "disc", "disc_optimizer")
-        return state, dict(obj["model_config"]), {k: v for k, v in obj.items() if k not in skip}
-    from rectok.official import read_state_dict
-
-    return read_state_dict(path), None, {}
-
-
-def _strict_load(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    # EMA.state_dict() also holds non-persistent buffers (RoPE tables), which the model derives itself.
-    derived = {name for name, _ in model.named_buffers()} - set(expected)
-    state = {k: v for k, v in state.items() if k not in derived}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path} does not fit the model its config describes: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}"
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def tokenizer_config(config: Mapping[str, Any], path: Path) -> RecTokConfig:
-    """The RecTokConfig stored with our checkpoints, without the semantic decoder (inference only)."""
-    if "encoder_width" not in config:
-        raise ValueError(f"{path}: its config is not a tokenizer config (keys {sorted(config)[:12]})")
-    return replace(RecTokConfig.from_dict(dict(config)), semantic_dim=0)
-
-
-def dit_model_config(config: Mapping[str, Any], path: Path) -> DiTDHConfig:
-    """The DiTDHConfig stored with our checkpoints."""
-    if "hidden_size" not in config:
-        raise ValueError(f"{path}: its config is not a DiT^DH config (keys {sorted(config)[:12]})")
-    unknown = set(config) - set(DiTDHConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{path}: unknown DiT^DH config fields {sorted(unknown)}")
-    return DiTDHConfig(**config)
-
-
-def load_tokenizer(path: str | os.PathLike, *, use_ema: bool = True, hint: str = "") -> Loaded:
-    """Our tokenizer checkpoint (.pt / run folder / .safetensors export) or an official-layout file."""
-    path = resolve_path(path, "tokenizer checkpoint", hint)
-    state, config, extra = _read(path, use_ema)
-    if config is None:
-        from rectok.official import load_tokenizer as load_official
-
-        model = load_official(state)
-        return Loaded(model.eval(), path, "official")
-    cfg = tokenizer_config(config, path)
-    model = RecTok(cfg)
-    state = {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
-    _strict_load(model, state, path)
-    return Loaded(model.eval(), path, "ours", dict(config), _stats_from(extra), extra)
-
-
-def load_dit(path: str | os.PathLike, *, use_ema: bool = True, hint: str = "") -> Loaded:
-    """Our DiT^DH checkpoint (.pt / run folder / .safetensors export) or an official-layout file."""
-    path = resolve_path(path, "DiT^DH checkpoint", hint)
-    state, config, extra = _read(path, use_ema)
-    if config is None:
-        from rectok.official import load_dit as load_official
-
-        model = load_official(state)
-        return Loaded(model.eval(), path, "official")
-    stats = _stats_from(extra)
-    model = DiTDH(dit_model_config(config, path))
-    _strict_load(model, state, path)
-    return Loaded(model.eval(), path, "ours", dict(config), stats, extra)
 
 
 def check_compatible(dit: DiTDH, tokenizer: RecTok, weak: DiTDH | None = None) -> None:

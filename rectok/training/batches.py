@@ -1,0 +1,131 @@
+"""Data of a training run: the dataset folder, its loaders and held-out images, and the
+micro-batches of every optimizer step (resumable mid-epoch without moving the global RNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rectok import distributed as D
+from rectok.data import ImageDataset, build_loader, resolve_samples
+from rectok.train_config import TrainConfig
+from rectok.training.progress import Position, Schedule
+from rectok.training.runtime import Run
+
+
+def data_root(cfg: TrainConfig, run: Run) -> Path:
+    """The dataset folder; "demo" builds the demo dataset under data/demo (rank 0, once)."""
+    if cfg.data.path != "demo":
+        return Path(cfg.data.path)
+    root = Path("data/demo")
+    if run.info.is_main:
+        from rectok.demo_data import ensure_demo_dataset
+
+        ensure_demo_dataset(root)
+    D.barrier()
+    return root
+
+
+def _split(root: Path, name: str) -> str | None:
+    return name if (root / name).is_dir() else None
+
+
+def train_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
+    """This rank's shard of the train split: random crops and flips, reshuffled every epoch."""
+    return build_loader(
+        root,
+        split=_split(root, "train"),
+        batch_size=cfg.micro_batch,
+        image_size=image_size,
+        train=True,
+        hflip=cfg.data.hflip,
+        rank=run.info.rank,
+        world_size=run.info.world_size,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        backend="auto",
+        device=run.device,
+    )
+
+
+def encode_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
+    """This rank's shard of the train split in order: center crop, no flip (latent statistics, cache)."""
+    return build_loader(
+        root,
+        split=_split(root, "train"),
+        batch_size=cfg.micro_batch,
+        image_size=image_size,
+        train=False,
+        hflip=False,
+        rank=run.info.rank,
+        world_size=run.info.world_size,
+        num_workers=cfg.data.num_workers,
+        device=run.device,
+    )
+
+
+def held_out_images(cfg: TrainConfig, root: Path, image_size: int) -> torch.Tensor:
+    """`eval_images` images spread evenly over the val split (train split if there is none), center
+    crop, no flip, [-1, 1]: the same images for every run on this dataset."""
+    samples = resolve_samples(root, _split(root, "val") or _split(root, "train"))
+    dataset = ImageDataset(samples, image_size=image_size, crop="center", hflip=False, on_error="drop")
+    picks = np.linspace(0, len(samples) - 1, min(cfg.data.eval_images, len(samples))).round().astype(int)
+    images = [dataset[int(i)] for i in picks]
+    return torch.stack([im["image"] for im in images if "image" in im])
+
+
+class _SkipFirst:
+    """A ShardedSampler view without its first n indices (resume mid-epoch without decoding them)."""
+
+    def __init__(self, sampler, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def indices(self, epoch: int) -> list[int]:
+        return self.sampler.indices(epoch)[self.n :]
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.n
+
+
+def epoch_batches(loader, epoch: int, skip: int) -> Iterator[dict]:
+    """Batches of `epoch`, starting at batch `skip`. Data loading runs under fork_rng so that it
+    never moves the global RNG (torch's DataLoader draws a seed per iterator), which keeps
+    resumed runs bit-identical."""
+    loader.set_epoch(epoch)
+    original = getattr(loader, "sampler", None)
+    fast = skip > 0 and hasattr(original, "indices") and hasattr(loader, "batch_size")
+    if fast:  # PIL / cached loaders: leave out the consumed samples instead of decoding them
+        loader.sampler = _SkipFirst(original, skip * loader.batch_size)
+    try:
+        it = iter(loader)
+        for _ in range(0 if fast else skip):
+            with torch.random.fork_rng(devices=[]):
+                next(it)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+    finally:
+        if fast:
+            loader.sampler = original
+
+
+def step_batches(loader, sched: Schedule, pos: Position) -> Iterator[Iterator[dict]]:
+    """For every optimizer step until `sched.total`, the iterator its `sched.accum` micro-batches
+    come from; the caller takes them and advances pos.batch (per micro-batch) and pos.step.
+
+    Starts at (pos.epoch, pos.batch), so a resumed run continues where it stopped. An epoch ends
+    when fewer than `accum` of its micro-batches are left (those are dropped)."""
+    per_epoch = sched.steps_per_epoch * sched.accum
+    while pos.step < sched.total:
+        batches = epoch_batches(loader, pos.epoch, pos.batch)
+        while pos.step < sched.total and pos.batch + sched.accum <= per_epoch:
+            yield batches
+        if pos.batch + sched.accum > per_epoch:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        batches.close()

@@ -1,0 +1,277 @@
+"""DiT^DH training on the frozen tokenizer's latents (SPEC section 6): t = 1 is data,
+x_t = t x + (1 - t) eps, target x - eps, u ~ U(0, 1), t = 1 - s u / (1 + (s - 1) u) with the
+tokenizer's time shift s. DDP, or FSDP2 (`--dit.parallel fsdp`) with full-state checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from rectok import checkpoint as ckpt
+from rectok import distributed as D
+from rectok import flow, kernels, model_io
+from rectok.dit import DiTDH, LatentNormalizer, dit_config
+from rectok.ema import EMA
+from rectok.optim import build_adamw, set_lr
+from rectok.sampling import euler_sample
+from rectok.tokenizer import DiagonalGaussian
+from rectok.train_config import TrainConfig
+from rectok.training.batches import data_root, step_batches, train_loader
+from rectok.training.latents import CachedMoments, build_latent_cache, latent_statistics
+from rectok.training.progress import Position, Schedule, StepMeter
+from rectok.training.reports import save_image_rows
+from rectok.training.runtime import (
+    Run,
+    compile_blocks,
+    nonfinite_any,
+    optimizer_step,
+    rng_states,
+    seed_everything,
+)
+
+TOKENIZER_HINT = "Train a tokenizer first: `python train.py` writes runs/demo."
+
+
+def _load_sharded(dit: DiTDH, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Every rank passes the full model and optimizer state and keeps its FSDP2 shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(dit, state["model"], options=full)
+    set_optimizer_state_dict(dit, opt, state["optimizer"], options=full)
+
+
+def _full_optimizer_state(dit: DiTDH, opt: torch.optim.Optimizer) -> dict:
+    """The optimizer state gathered from the FSDP2 shards (on CPU; a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(dit, opt, options=full)
+
+
+def _full_ema_state(ema: EMA) -> dict:
+    """The EMA state with its (possibly sharded) averages gathered to full CPU tensors."""
+    e = ema.state_dict()
+    return {
+        **e,
+        "params": {k: D.full_tensor(v).cpu() for k, v in e["params"].items()},
+        "buffers": {k: D.full_tensor(v).cpu() for k, v in e["buffers"].items()},
+    }
+
+
+def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
+    """DiT^DH on the frozen tokenizer's (EMA) latents; returns the loss history, step counts, wall
+    time, and the bare model (sharded under FSDP) and its EMA."""
+    device, info = run.device, run.info
+    seed_everything(cfg.seed)
+
+    # ---- frozen tokenizer (EMA weights), data, latent statistics
+    tok = model_io.load_tokenizer(cfg.dit.tokenizer_ckpt, use_ema=True, hint=TOKENIZER_HINT).model.to(device)
+    tok.eval().requires_grad_(False)
+    tcfg = tok.cfg
+    C, grid = tcfg.token_channels, tcfg.grid_size
+    shift = cfg.dit.time_shift or flow.timestep_shift(grid, grid, C)
+    root = data_root(cfg, run)
+    image_loader = train_loader(cfg, run, root, tcfg.img_size)
+    classes = image_loader.samples.classes
+    num_classes = cfg.dit.num_classes or (len(classes) if classes else 0)
+    if num_classes < 1:
+        raise ValueError("the dataset has no class folders: pass --dit.num_classes")
+
+    resume = ckpt.resolve_resume(cfg.resume, run.run_dir)
+    state = ckpt.load_checkpoint(resume) if resume is not None else None
+    if state is not None:
+        mu, std = state["latent_stats"]["mean"], state["latent_stats"]["std"]
+    else:
+        mu, std = latent_statistics(tok, cfg, run, root)
+        if info.is_main:
+            ckpt.export_safetensors(
+                run.run_dir / "latent_stats.safetensors",
+                {"mean": mu, "std": std},
+                {"token_channels": C, "grid": grid},
+                tokenizer=str(cfg.dit.tokenizer_ckpt),
+            )
+    normalizer = LatentNormalizer(mu, std).to(device)
+    run.print(
+        f"latent statistics: channel-mean mean {mu.mean():.4f}, std {std.mean():.4f}; shift s = {shift:.3f}"
+    )
+
+    loader = image_loader
+    if cfg.dit.cache_latents:
+        tag = ckpt.sha256(run.run_dir / "latent_stats.safetensors")[:12] if info.is_main else None
+        tag = D.broadcast_object(tag)
+        cache = build_latent_cache(tok, cfg, run, root, tag)
+        labels = image_loader.samples.labels
+        loader = CachedMoments(
+            cache, labels, cfg.micro_batch, info.rank, info.world_size, cfg.seed, cfg.data.hflip
+        )
+
+    # ---- model, EMA, optimizer
+    dcfg = dit_config(
+        cfg.dit.preset,
+        in_channels=C,
+        grid_size=grid,
+        num_classes=num_classes,
+        label_dropout=cfg.dit.label_dropout,
+    )
+    dit = DiTDH(dcfg).to(device)
+    run.print(
+        f"DiT^DH {cfg.dit.preset}: {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, "
+        f"{num_classes} classes, latents [{C}, {grid}, {grid}]"
+    )
+    use_scaler = run.amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    fsdp = cfg.dit.parallel == "fsdp" and info.enabled
+    if fsdp:
+        D.shard_fsdp(dit, [*dit.trunk_blocks, *dit.head_blocks])
+    ema = EMA(dit, cfg.optim.ema_decay)  # after sharding: under FSDP the average is sharded too
+    opt = build_adamw(dit, cfg.base_lr(), cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    if cfg.compile:
+        compile_blocks(dit)
+    fwd = dit if fsdp else D.wrap_ddp(dit, info)
+    accum = cfg.grad_accum(info.world_size)
+    sched = Schedule(cfg, len(loader), accum)
+
+    # ---- resume
+    seed_everything(cfg.seed * 1000 + info.rank)
+    pos = Position()
+    if state is not None:
+        if fsdp:
+            _load_sharded(dit, opt, state)
+        else:
+            dit.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        pos = Position.resume(state, resume, sched, run, cfg)
+
+    def save(final: bool = False) -> None:
+        # Gathering the state is collective under FSDP: every rank takes part, rank 0 writes.
+        rngs = rng_states()
+        model_sd = D.full_state_dict(dit)
+        ema_sd = _full_ema_state(ema)
+        opt_sd = _full_optimizer_state(dit, opt) if fsdp else opt.state_dict()
+        if info.is_main:
+            state = {
+                "model": model_sd,
+                "ema": ema_sd,
+                "optimizer": opt_sd,
+                "scaler": scaler.state_dict(),
+                **pos.checkpoint_entries(sched, run, cfg),
+                "rng": rngs,
+                "config": cfg.to_dict(),
+                "model_config": asdict(dcfg),
+                "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
+                "tokenizer": str(cfg.dit.tokenizer_ckpt),
+                "time_shift": shift,
+            }
+            path = ckpt.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
+            if final and cfg.export:
+                weights = {**ema_sd["params"], **ema_sd["buffers"]}
+                ckpt.export_safetensors(
+                    run.run_dir / "dit_ema.safetensors",
+                    {k: weights[k] for k in model_sd},
+                    asdict(dcfg),
+                    step=pos.step,
+                    latent_mean=mu.tolist(),
+                    latent_std=std.tolist(),
+                    time_shift=shift,
+                    tokenizer=str(cfg.dit.tokenizer_ckpt),
+                    train_config=cfg.to_dict(),
+                )
+            run.print(f"saved {path}")
+        D.barrier()
+
+    sample_gen = torch.Generator(device).manual_seed(1234)
+    n_show = min(8, cfg.data.eval_images)
+    sample_noise = torch.randn(n_show, C, grid, grid, generator=sample_gen, device=device)
+    sample_labels = torch.arange(n_show, device=device) % num_classes
+    ema_dit = None if fsdp else copy.deepcopy(dit).eval().requires_grad_(False)
+
+    def images(tag: str) -> None:
+        """Euler samples of the EMA model (fixed noise and labels), decoded by the tokenizer; rank 0."""
+        if not info.is_main or ema_dit is None:
+            return
+        ema.copy_to(ema_dit)
+        with run.autocast():
+            z = euler_sample(
+                ema_dit, sample_noise, sample_labels, num_points=cfg.dit.sample_steps, shift=shift
+            )
+            z = normalizer.denormalize(z.float()).flatten(2).transpose(1, 2)  # (B, L, C)
+            imgs = tok.decode(z).float()
+        save_image_rows([imgs], run.run_dir / "images" / f"samples_{tag}.png")
+
+    # ---- loop
+    nan_steps = cfg.nan_steps()
+    history: list[float] = []
+    meter = StepMeter(run, sched, pos.step, desc="dit")  # the first sample grid counts in the wall time
+    images(f"{pos.step:07d}")
+    dit.train()
+    for batches in step_batches(loader, sched, pos):
+        lr = sched.lr(pos.step)
+        set_lr(opt, lr)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(batches)
+            y = batch["label"].to(device)
+            if "moments" in batch:
+                moments = batch["moments"].to(device)
+            else:
+                with torch.no_grad(), run.autocast():
+                    moments = tok.encoder(batch["image"].to(device))
+            z = DiagonalGaussian(moments.float()).sample()  # (B, L, C) posterior sample
+            B = z.shape[0]
+            x1 = normalizer.normalize(z.transpose(1, 2).reshape(B, C, grid, grid))  # data, t = 1
+            eps = torch.randn(x1.shape, device=device)
+            t = 1.0 - flow.shift_tau(torch.rand(B, device=device), shift)
+            x_t = kernels.flow_interpolate(eps, x1, t)  # t * x1 + (1 - t) * eps
+            sync = micro == accum - 1 or fsdp or not info.enabled
+            with contextlib.nullcontext() if sync else fwd.no_sync():
+                with run.autocast():
+                    v = fwd(x_t, t, y)
+                loss = kernels.velocity_mse(v.float(), x1, eps)
+                if pos.step in nan_steps:  # testing hook: a poisoned step
+                    loss = loss * float("nan")
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach() / accum
+            pos.batch += 1
+
+        # -------- update (skipped on any rank's non-finite loss or grad norm)
+        bad = nonfinite_any(loss_sum)
+        gnorm, bad = optimizer_step(opt, scaler, list(dit.parameters()), cfg.optim.grad_clip, skip=bad)
+        pos.count_update(bad, cfg, run)
+        if not bad:
+            ema.update(dit)
+        pos.step += 1
+        step = pos.step
+        loss_mean = D.all_reduce_mean(loss_sum).item()
+        history.append(loss_mean)
+
+        # -------- hooks
+        if step % max(cfg.log_every, 1) == 0 or step == sched.total:
+            meter.log(step, {"loss": loss_mean}, lr, gnorm, pos.nonfinite_total)
+        meter.update()
+        if cfg.image_every and step % cfg.image_every == 0 and step < sched.total:
+            images(f"{step:07d}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < sched.total:
+            save()
+    meter.close()
+    images(f"{pos.step:07d}")
+    save(final=True)
+    return {
+        "history": history,
+        "start_step": meter.start_step,
+        "step": pos.step,
+        "nonfinite_total": pos.nonfinite_total,
+        "wall_s": meter.wall_s(),
+        "model": dit,  # the bare module (sharded under FSDP)
+        "ema": ema,
+    }

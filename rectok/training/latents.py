@@ -1,0 +1,113 @@
+"""The frozen tokenizer's latents for the DiT^DH stage: per-channel statistics over the training set
+(SPEC section 6) and an optional cache of every image's posterior moments, so that a step does not
+have to run the encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rectok import distributed as D
+from rectok.data import ShardedSampler
+from rectok.train_config import TrainConfig
+from rectok.training.batches import encode_loader
+from rectok.training.runtime import Run
+
+
+@torch.no_grad()
+def latent_statistics(
+    tok: nn.Module, cfg: TrainConfig, run: Run, root: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [C] of the posterior mean over the training set (no flip, center crop),
+    accumulated in float64 over all ranks (SPEC section 6)."""
+    loader = encode_loader(cfg, run, root, tok.cfg.img_size)
+    C = tok.cfg.token_channels
+    acc = torch.zeros(2 * C + 1, dtype=torch.float64, device=run.device)  # sum, sum of squares, count
+    for i, batch in enumerate(loader):
+        if cfg.dit.stats_batches and i >= cfg.dit.stats_batches:
+            break
+        with run.autocast():
+            moments = tok.encoder(batch["image"].to(run.device))
+        mean = moments[..., :C].double().reshape(-1, C)  # (B * L, C)
+        acc[:C] += mean.sum(0)
+        acc[C : 2 * C] += mean.square().sum(0)
+        acc[-1] += mean.shape[0]
+    D.all_reduce_sum_(acc)
+    mu = acc[:C] / acc[-1]
+    std = (acc[C : 2 * C] / acc[-1] - mu.square()).clamp_min(1e-12).sqrt()
+    return mu.float(), std.float()
+
+
+class CachedMoments:
+    """Posterior moments cached once per training image, plain and flipped, in a float16 .npy
+    [N, 2, L, 2C]. Batches follow the image loader's ShardedSampler order, and a sample is flipped
+    exactly when the image loader would flip it (rng(seed, epoch, index) draws first), so training
+    sees the same distribution as encoding every step."""
+
+    def __init__(
+        self,
+        path: Path,
+        labels: list[int],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        hflip: bool,
+    ) -> None:
+        self.moments = np.load(path, mmap_mode="r")
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
+        self.sampler = ShardedSampler(len(labels), rank, world_size, True, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        idx = self.sampler.indices(epoch)
+        for b in range(len(idx) // self.batch_size):
+            chunk = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            flips = [
+                int(self.hflip and np.random.default_rng([self.seed, epoch, i]).random() < 0.5) for i in chunk
+            ]
+            moments = torch.from_numpy(
+                np.stack([self.moments[i, f] for i, f in zip(chunk, flips)]).astype(np.float32)
+            )
+            yield {"moments": moments, "label": self.labels[chunk]}
+
+
+@torch.no_grad()
+def build_latent_cache(tok: nn.Module, cfg: TrainConfig, run: Run, root: Path, tag: str) -> Path:
+    """Encode every training image once (plain and flipped) into cache_dir/moments_<tag>.npy; ranks write
+    disjoint rows of one memory-mapped file. Reused when complete (marker file)."""
+    cache_dir = Path(cfg.dit.cache_dir or run.run_dir / "latent_cache")
+    path, marker = cache_dir / f"moments_{tag}.npy", cache_dir / f"moments_{tag}.done"
+    if marker.is_file():
+        return path
+    loader = encode_loader(cfg, run, root, tok.cfg.img_size)
+    n, L, C2 = len(loader.samples), tok.cfg.seq_len, 2 * tok.cfg.token_channels
+    if run.info.is_main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, L, C2)).flush()
+    D.barrier()
+    out = np.load(path, mmap_mode="r+")
+    for batch in loader:
+        x = batch["image"].to(run.device)
+        with run.autocast():
+            both = torch.stack([tok.encoder(x), tok.encoder(x.flip(-1))], 1)  # (B, 2, L, 2C)
+        out[batch["index"].numpy()] = both.float().cpu().numpy().astype(np.float16)
+    out.flush()
+    del out
+    D.barrier()
+    if run.info.is_main:
+        marker.write_text(json.dumps({"images": n, "tokens": L, "channels": C2}))
+    D.barrier()
+    return path

@@ -1,0 +1,170 @@
+"""What a training run resolves once at the start, and the per-step numerics shared by the stages.
+
+`Run` holds the device, autocast dtype, ranks, run folder and the metric writers; seeding and
+the gathered RNG states make resumed runs bit-identical; `compile_blocks` applies torch.compile
+from outside the model; `optimizer_step` skips an update whose loss or grad norm is non-finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rectok import checkpoint as ckpt
+from rectok import distributed as D
+from rectok import kernels
+from rectok.optim import clip_grad_norm
+from rectok.train_config import TrainConfig, format_config
+
+log = logging.getLogger("rectok.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row (`max_nonfinite`)."""
+
+
+class Run:
+    """Device, precision, rank, run folder and logging of one training run, resolved once."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.info = D.init_distributed(cfg.device)
+        self.device = self.info.device
+        on_cuda = self.device.type == "cuda"
+        # bf16/fp16 autocast on CUDA only: CPU autocast is slow and the CPU runs are for checks.
+        self.amp_dtype = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if on_cuda else None
+        )
+        if on_cuda:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls
+            torch.backends.cudnn.allow_tf32 = True
+        os.environ["RECTOK_KERNELS"] = cfg.kernels  # read by every rectok.kernels op (and DataLoader workers)
+        self.run_dir = Path(cfg.run_dir)
+        self.writer = None
+        self.metrics_file = None
+        self.t0 = time.time()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "images").mkdir(exist_ok=True)
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+            ckpt.atomic_write(self.run_dir / "config.json", lambda f: f.write(format_config(cfg).encode()))
+            self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+            if cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.run_dir / "tb"))
+                except ImportError:
+                    log.warning(
+                        "tensorboard is not installed: no TensorBoard events (pip install tensorboard, "
+                        "or pass --tensorboard false to silence this); metrics.jsonl is written anyway"
+                    )
+        D.barrier()
+        kernel_backend = kernels.current_backend()
+        self.print(
+            f"device {self.device} x {self.info.world_size} rank(s), autocast "
+            f"{self.amp_dtype or 'off (float32)'}, compile {cfg.compile}, kernels {kernel_backend}, "
+            f"TF32 {'on' if on_cuda else 'n/a'}\nresolved config:\n{format_config(cfg)}"
+        )
+
+    def print(self, msg: str) -> None:
+        if self.info.is_main:
+            print(msg, flush=True)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.info.is_main:
+            return
+        record = {"step": step, "time": round(time.time() - self.t0, 3), **scalars}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every transformer block in place (nn.Module.compile: state-dict names unchanged).
+
+    Block-wise, as torchtitan does: the tokenizer's random mask ratio changes the encoder's
+    sequence length every step and its Python-side sampling does not trace, while each block
+    is a pure tensor function that Inductor fuses (with our kernels' custom ops inside)."""
+    from rectok.dit import AdaLNBlock
+    from rectok.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, (Block, AdaLNBlock))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> list[dict]:
+    """Every rank's global RNG states (Python, numpy, torch CPU and CUDA), gathered for the checkpoint.
+
+    All training randomness (masking, posterior samples, flow noise, DiT times, label dropout) draws
+    from the per-rank-seeded global generators; data loading never touches them (epoch_batches)."""
+    return D.all_gather_object(ckpt.rng_state())
+
+
+def restore_rng(states: list[dict] | None, run: Run) -> None:
+    if states is None or len(states) != run.info.world_size:
+        run.print(
+            "warning: the checkpoint's RNG states do not match this world size; continuing with fresh "
+            "seeds (the run continues, but not bit-identically)"
+        )
+        return
+    ckpt.set_rng_state(states[run.info.rank])
+
+
+def nonfinite_any(*values: torch.Tensor) -> bool:
+    """True when any value on any rank is NaN/Inf (one host sync per optimizer step)."""
+    bad = torch.zeros((), device=values[0].device)
+    for v in values:
+        bad = torch.maximum(bad, (~torch.isfinite(v.detach().float())).any().float())
+    return bool(D.all_reduce_max(bad).item() > 0)
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list[torch.Tensor],
+    clip: float,
+    skip: bool,
+) -> tuple[torch.Tensor, bool]:
+    """Unscale, measure (and clip) the grad norm, then step unless `skip` or the norm is non-finite;
+    grads are cleared either way. Returns (grad norm before clipping, whether the update was skipped).
+    With fp16 the GradScaler handles overflowing grads itself (skips and lowers the scale)."""
+    scaler.unscale_(opt)
+    norm = clip_grad_norm(params, clip)
+    skipped = skip or (not scaler.is_enabled() and not math.isfinite(norm.item()))
+    if not skipped:
+        scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return norm, skipped

@@ -1,0 +1,312 @@
+"""Tokenizer training: stage 1 (FSD + RAD: masking, posterior sample, forward flow, both decoders,
+all losses; SPEC sections 2, 4, 5) and stage 2 (pixel decoder only: frozen encoder, no
+noise / masking / KL / semantics / teacher, a fresh discriminator)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from rectok import checkpoint as ckpt
+from rectok import distributed as D
+from rectok import model_io
+from rectok.discriminator import PatchDiscriminator
+from rectok.ema import EMA
+from rectok.eval.image_metrics import psnr
+from rectok.losses import DiscriminatorLoss, LossWeights, PerceptualLoss, tokenizer_loss
+from rectok.optim import build_adamw, set_lr
+from rectok.tokenizer import DiagonalGaussian, RecTok, make_config
+from rectok.train_config import TrainConfig
+from rectok.training.batches import data_root, held_out_images, step_batches, train_loader
+from rectok.training.progress import Position, Schedule, StepMeter
+from rectok.training.reports import save_image_rows
+from rectok.training.runtime import (
+    Run,
+    compile_blocks,
+    nonfinite_any,
+    optimizer_step,
+    rng_states,
+    seed_everything,
+)
+
+STAGE1_HINT = "Train a tokenizer first (stage 1): `python train.py` writes runs/demo."
+
+
+def load_tokenizer(
+    path: str | os.PathLike, device: torch.device, use_ema: bool = True
+) -> tuple[RecTok, dict | None]:
+    """A tokenizer (semantic decoder dropped) from one of this project's checkpoints (.pt, a run folder,
+    or an exported .safetensors) or an official-layout file, on `device`; also returns its checkpoint's
+    EMA state (None for weight files), which the decoder stage continues."""
+    loaded = model_io.load_tokenizer(path, use_ema=use_ema, hint=STAGE1_HINT, keep_ema=True)
+    return loaded.model.to(device), loaded.raw.get("ema")
+
+
+def _drop_semantic(ema_state: dict) -> dict:
+    keep = lambda d: {k: v for k, v in d.items() if not k.startswith("semantic_decoder.")}  # noqa: E731
+    return {**ema_state, "params": keep(ema_state["params"]), "buffers": keep(ema_state["buffers"])}
+
+
+def build_teacher(cfg: TrainConfig, tok_cfg, device: torch.device):
+    from rectok.teacher import Teacher  # timm: imported only when the semantic loss is on
+
+    t = cfg.tok
+    weights = t.teacher_weights or None
+    if t.teacher == "tiny":
+        teacher = Teacher.tiny(
+            weights or "random", image_size=tok_cfg.img_size, token_patch=tok_cfg.patch_size
+        )
+    else:
+        teacher = Teacher(t.teacher, weights, image_size=tok_cfg.img_size, token_patch=tok_cfg.patch_size)
+    return teacher.to(device)
+
+
+def build_tokenizer(cfg: TrainConfig, device: torch.device) -> tuple[RecTok, nn.Module | None, dict | None]:
+    """(tokenizer, teacher or None, EMA state to continue or None). Stage 1: a fresh RecTok sized for
+    the teacher's features. Stage 2: the stage-1 weights with only the pixel decoder trainable, and
+    stage 1's EMA (the release continues it)."""
+    overrides: dict[str, Any] = {}
+    if cfg.tok.token_channels:
+        overrides["token_channels"] = cfg.tok.token_channels
+    if cfg.stage != "tokenizer":
+        tok, init_ema = load_tokenizer(cfg.tok.init_from, device, use_ema=False)
+        tok.requires_grad_(False)
+        tok.pixel_decoder.requires_grad_(True)
+        return tok, None, _drop_semantic(init_ema) if init_ema else None
+    teacher = None
+    if cfg.loss.semantic > 0:
+        teacher = build_teacher(cfg, make_config(cfg.tok.preset, **overrides), device)
+    overrides["semantic_dim"] = teacher.feature_dim if teacher is not None else 0
+    overrides.update(
+        mask_ratio_min=cfg.tok.mask_ratio_min,
+        mask_ratio_max=cfg.tok.mask_ratio_max,
+        noise_schedule=cfg.tok.noise_schedule,
+        timestep_shift=cfg.tok.timestep_shift or None,
+        gamma=cfg.tok.gamma,
+    )
+    return RecTok(make_config(cfg.tok.preset, **overrides)).to(device), teacher, None
+
+
+@torch.no_grad()
+def reconstruct(tok: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Posterior-mean reconstructions in [0, 1] of images x in [-1, 1] (eval mode, no noise)."""
+    moments = tok.encoder(x)
+    mean = moments[..., : moments.shape[-1] // 2]
+    return (tok.pixel_decoder(mean).float() * 0.5 + 0.5).clamp(0, 1)
+
+
+def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
+    """Stage 1 (cfg.stage "tokenizer") or stage 2 ("decoder"); returns the loss history, step counts,
+    held-out PSNR at the start and end, wall time, and the bare model and its EMA."""
+    stage1 = cfg.stage == "tokenizer"
+    device, info = run.device, run.info
+    seed_everything(cfg.seed)  # same initial weights on every rank
+
+    # ---- models: tokenizer (+ teacher), EMA, losses
+    tok, teacher, init_ema_state = build_tokenizer(cfg, device)
+    tok_cfg = tok.cfg
+    ema = EMA(tok, cfg.optim.ema_decay)
+    if init_ema_state is not None:  # the release continues stage 1's EMA in stage 2
+        ema.load_state_dict({**init_ema_state, "decay": cfg.optim.ema_decay, "num_updates": 0})
+    weights = LossWeights(cfg.loss.mse, cfg.loss.perceptual, cfg.loss.kl, cfg.loss.semantic, cfg.loss.gan)
+    perceptual = None
+    if cfg.loss.perceptual > 0:
+        perceptual = PerceptualLoss(
+            cfg.loss.perceptual_weights, cfg.loss.weights_dir or None, resize=cfg.loss.perceptual_resize
+        ).to(device)
+    disc = None
+    if cfg.loss.gan > 0:
+        disc = DiscriminatorLoss(PatchDiscriminator(ndf=cfg.loss.disc_ndf, n_layers=cfg.loss.disc_layers)).to(
+            device
+        )
+    n_params = sum(p.numel() for p in tok.parameters() if p.requires_grad)
+    run.print(
+        f"tokenizer {cfg.tok.preset}: {n_params / 1e6:.2f}M trainable parameters, C = "
+        f"{tok_cfg.token_channels}, {tok_cfg.img_size} px, teacher "
+        f"{getattr(teacher, 'model_name', None)}"
+    )
+
+    # ---- optimizers (the discriminator gets its own AdamW with the same schedule)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt = build_adamw(tok, cfg.base_lr(), cfg.optim.weight_decay, betas)
+    opt_d = build_adamw(disc, cfg.base_lr(), cfg.optim.weight_decay, betas) if disc is not None else None
+    use_scaler = run.amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    g_params = [p for p in tok.parameters() if p.requires_grad]
+    d_params = list(disc.parameters()) if disc is not None else []
+
+    # ---- data
+    root = data_root(cfg, run)
+    loader = train_loader(cfg, run, root, tok_cfg.img_size)
+    accum = cfg.grad_accum(info.world_size)
+    sched = Schedule(cfg, len(loader), accum)
+    eval_x = held_out_images(cfg, root, tok_cfg.img_size).to(device)
+
+    # ---- wrappers (applied from outside; the bare modules are what gets saved)
+    trained = tok if stage1 else tok.pixel_decoder
+    if cfg.compile:
+        compile_blocks(tok)
+    fwd = D.wrap_ddp(trained, info)
+    disc_fwd = D.wrap_ddp(disc, info) if disc is not None else None
+
+    # ---- resume
+    seed_everything(cfg.seed * 1000 + info.rank)
+    pos = Position()
+    resume = ckpt.resolve_resume(cfg.resume, run.run_dir)
+    if resume is not None:
+        state = ckpt.load_checkpoint(resume)
+        tok.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if disc is not None and state.get("disc") is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["disc_optimizer"])
+            scaler_d.load_state_dict(state["disc_scaler"])
+        pos = Position.resume(state, resume, sched, run, cfg)
+
+    ema_tok = copy.deepcopy(tok).eval().requires_grad_(False)
+
+    def save(final: bool = False) -> None:
+        rngs = rng_states()
+        if info.is_main:
+            state = {
+                "model": D.unwrap(tok).state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
+                "disc": disc.state_dict() if disc is not None else None,
+                "disc_optimizer": opt_d.state_dict() if opt_d is not None else None,
+                "disc_scaler": scaler_d.state_dict(),
+                **pos.checkpoint_entries(sched, run, cfg),
+                "rng": rngs,
+                "config": cfg.to_dict(),
+                "model_config": tok_cfg.to_dict(),
+            }
+            path = ckpt.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
+            if final and cfg.export:
+                ema.copy_to(ema_tok)
+                export = {
+                    k: v for k, v in ema_tok.state_dict().items() if not k.startswith("semantic_decoder.")
+                }
+                ckpt.export_safetensors(
+                    run.run_dir / "tokenizer_ema.safetensors",
+                    export,
+                    {**tok_cfg.to_dict(), "semantic_dim": 0},
+                    step=pos.step,
+                    stage=cfg.stage,
+                    train_config=cfg.to_dict(),
+                )
+            run.print(f"saved {path}")
+        D.barrier()
+
+    def images(tag: str) -> dict[str, float]:
+        """Reconstruction grid (originals / model / EMA) and mean held-out PSNR; rank 0 only."""
+        if not info.is_main:
+            return {}
+        ema.copy_to(ema_tok)
+        tok.eval()
+        x01 = eval_x * 0.5 + 0.5
+        rec, rec_ema = reconstruct(tok, eval_x), reconstruct(ema_tok, eval_x)
+        tok.train()
+        n = min(8, len(eval_x))
+        save_image_rows([x01[:n], rec[:n], rec_ema[:n]], run.run_dir / "images" / f"recon_{tag}.png")
+        return {"psnr": float(psnr(rec, x01).mean()), "psnr_ema": float(psnr(rec_ema, x01).mean())}
+
+    # ---- loop
+    tok.train()
+    if teacher is not None:
+        teacher.eval()
+    nan_steps = cfg.nan_steps()
+    first_eval = images(f"{pos.step:07d}")
+    run.print(f"held-out PSNR at step {pos.step}: {first_eval}")
+    history: list[float] = []
+    meter = StepMeter(run, sched, pos.step, desc=cfg.stage)
+    for batches in step_batches(loader, sched, pos):
+        # -------- one optimizer step = `accum` micro-batches
+        lr = sched.lr(pos.step)
+        set_lr(opt, lr)
+        gan_on = disc is not None and sched.epoch_of(pos.step) >= cfg.loss.gan_start_epoch
+        if gan_on:
+            set_lr(opt_d, lr)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            x = next(batches)["image"].to(device, non_blocking=True)
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync or not info.enabled else fwd.no_sync():
+                with run.autocast():
+                    if stage1:
+                        out = fwd(x)
+                        x_hat, post, sem = out.images, out.posterior, out.semantic
+                        target = teacher(x) if teacher is not None else None
+                    else:
+                        with torch.no_grad():
+                            moments = tok.encoder(x)
+                        post, sem, target = None, None, None
+                        z = DiagonalGaussian(moments.float()).sample()  # no noise, no masking
+                        x_hat = fwd(z)
+                terms = tokenizer_loss(
+                    x * 0.5 + 0.5,
+                    x_hat.float() * 0.5 + 0.5,
+                    weights,
+                    perceptual=perceptual,
+                    posterior=post,
+                    semantic_pred=sem,
+                    semantic_target=target,
+                    discriminator=disc.discriminator if gan_on else None,
+                )
+                if pos.step in nan_steps:  # testing hook: a poisoned step
+                    terms["loss"] = terms["loss"] * float("nan")
+                scaler.scale(terms["loss"] / accum).backward()
+            if gan_on:
+                with contextlib.nullcontext() if sync or not info.enabled else disc_fwd.no_sync():
+                    d_terms = disc_fwd(x * 0.5 + 0.5, x_hat.detach().float() * 0.5 + 0.5)
+                    scaler_d.scale(d_terms["d_loss"] / accum).backward()
+                terms = {**terms, **d_terms}
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            pos.batch += 1
+
+        # -------- update (skipped on any rank's non-finite loss or grad norm)
+        bad = nonfinite_any(*sums.values())
+        gnorm, bad = optimizer_step(opt, scaler, g_params, cfg.optim.grad_clip, skip=bad)
+        if gan_on:
+            dnorm, d_bad = optimizer_step(opt_d, scaler_d, d_params, cfg.optim.grad_clip, skip=bad)
+            sums["grad_norm_d"], bad = dnorm, bad or d_bad
+        pos.count_update(bad, cfg, run)
+        if not bad:
+            ema.update(tok)
+        pos.step += 1
+        step = pos.step
+        log_now = step % max(cfg.log_every, 1) == 0 or step == sched.total
+        means = {k: D.all_reduce_mean(v).item() for k, v in sums.items()} if log_now else None
+        history.append(D.all_reduce_mean(sums["loss"]).item())
+
+        # -------- hooks
+        if means is not None:
+            meter.log(step, means, lr, gnorm, pos.nonfinite_total)
+        meter.update()
+        if cfg.image_every and step % cfg.image_every == 0 and step < sched.total:
+            images(f"{step:07d}")
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < sched.total:
+            save()
+    meter.close()
+    last_eval = images(f"{pos.step:07d}")
+    save(final=True)
+    return {
+        "history": history,
+        "start_step": meter.start_step,
+        "step": pos.step,
+        "eval_start": first_eval,
+        "eval_end": last_eval,
+        "nonfinite_total": pos.nonfinite_total,
+        "wall_s": meter.wall_s(),
+        "model": tok,  # the bare module (for tests and notebooks)
+        "ema": ema,
+    }
