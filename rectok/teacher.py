@@ -85,11 +85,12 @@ def missing_weights_message(model_name: str, cache_dir: Path) -> str:
         f"To get them, on a machine with internet access (DINOv3 is gated: accept its licence on "
         f"https://huggingface.co/{hub_id} and run `huggingface-cli login` first):\n"
         f"  huggingface-cli download {hub_id} model.safetensors --local-dir weights/{model_name}\n"
-        f"then copy the file here and pass `--teacher-weights weights/{model_name}/model.safetensors` "
+        f"then copy the file here and pass `--tok.teacher_weights weights/{model_name}/model.safetensors` "
         "(Meta's original .pth checkpoint works too), or copy the whole HF cache folder to this machine.\n"
-        f"If DINOv3 access is pending, DINOv2 ViT-L/14 is not gated: `--teacher dinov2` with the weights of "
-        f"timm/{TEACHERS['dinov2']} (the paper finds DINOv2 the better teacher at 16 latent channels, "
-        "DINOv3 at 128). For a smoke test without semantics, `--teacher-weights random`."
+        f"If DINOv3 access is pending, DINOv2 ViT-L/14 is not gated: `--tok.teacher dinov2` "
+        f"with the weights of timm/{TEACHERS['dinov2']} (the paper finds DINOv2 the better teacher "
+        "at 16 latent channels, DINOv3 at 128). "
+        "For a smoke test without semantics, `--tok.teacher_weights random`."
     )
 
 

@@ -124,7 +124,7 @@ def test_missing_weights_message(tmp_path, monkeypatch, no_network):
         Teacher("dinov3", None, cache_dir=tmp_path / "empty_hub")
     msg = str(info.value)
     for needle in (
-        "--teacher-weights",
+        "--tok.teacher_weights",
         "huggingface-cli download timm/vit_large_patch16_dinov3.lvd1689m",
         "dinov2",
     ):
