@@ -356,3 +356,19 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
         assert saved["ema"]["params"][name].shape == p.shape, name
     weights, meta = ck.read_safetensors(tmp_path / "run" / "dit_ema.safetensors")
     assert set(weights) == set(model.state_dict()) and meta["step"] == 2
+
+
+def test_latent_cache_tag_follows_tokenizer_weights_and_data(tmp_path):
+    """The latent cache is shared by identical runs and never reused with other weights or data."""
+    from rectok.tokenizer import build_tokenizer
+    from rectok.training.latents import latent_cache_tag
+
+    torch.manual_seed(0)
+    tok = build_tokenizer("rectok-tiny")
+    twin = build_tokenizer("rectok-tiny")
+    twin.load_state_dict(tok.state_dict())
+    assert latent_cache_tag(tok, tmp_path) == latent_cache_tag(twin, tmp_path)
+    assert latent_cache_tag(tok, tmp_path) != latent_cache_tag(tok, tmp_path / "other")
+    with torch.no_grad():
+        next(twin.parameters()).view(-1)[0] += 1e-3
+    assert latent_cache_tag(tok, tmp_path) != latent_cache_tag(twin, tmp_path)

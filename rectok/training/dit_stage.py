@@ -21,7 +21,7 @@ from rectok.sampling import euler_sample
 from rectok.tokenizer import DiagonalGaussian
 from rectok.train_config import TrainConfig
 from rectok.training.batches import data_root, step_batches, train_loader
-from rectok.training.latents import CachedMoments, build_latent_cache, latent_statistics
+from rectok.training.latents import CachedMoments, build_latent_cache, latent_cache_tag, latent_statistics
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (
@@ -106,8 +106,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
 
     loader = image_loader
     if cfg.dit.cache_latents:
-        tag = ckpt.sha256(run.run_dir / "latent_stats.safetensors")[:12] if info.is_main else None
-        tag = D.broadcast_object(tag)
+        tag = D.broadcast_object(latent_cache_tag(tok, root) if info.is_main else None)
         cache = build_latent_cache(tok, cfg, run, root, tag)
         labels = image_loader.samples.labels
         loader = CachedMoments(

@@ -4,6 +4,7 @@ have to run the encoder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -82,6 +83,17 @@ class CachedMoments:
                 np.stack([self.moments[i, f] for i, f in zip(chunk, flips)]).astype(np.float32)
             )
             yield {"moments": moments, "label": self.labels[chunk]}
+
+
+def latent_cache_tag(tok: nn.Module, root: Path) -> str:
+    """Names a cache by what its contents depend on: the tokenizer's weights (bytes, in key order),
+    its input size and the image folder, so identical runs share a cache and a new tokenizer never
+    reads a stale one (USERS.md item 12)."""
+    digest = hashlib.sha256(f"{Path(root).resolve()}|{tok.cfg.img_size}".encode())
+    for name, tensor in sorted(tok.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
