@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from rectok.data import center_crop_arr
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -30,24 +32,10 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's center crop (used by DiT, REPA, RAE and the RecTok release): halve with a box filter
-    while the short side is >= 2 * size, bicubic-resize the short side to `size`, crop the center.
-    Returns [size, size, 3] uint8."""
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
-
-
 def _read_rgb(path: Path, center_crop: int | None) -> np.ndarray:
     with Image.open(path) as im:
         if center_crop is not None:
-            return center_crop_arr(im, center_crop)
+            return np.asarray(center_crop_arr(im.convert("RGB"), center_crop))
         return np.asarray(im.convert("RGB"))
 
 
