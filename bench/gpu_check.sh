@@ -40,7 +40,7 @@ echo "== CUDA tests =="
 timeout 180 python -m pytest -q -m cuda tests -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$out/cuda_tests.txt" | tail -25
 
 echo "== kernel benchmark =="
-timeout 240 python bench/kernels.py --quick --out "$out" 2>&1 | tee "$out/kernels_log.txt" | tail -80
+timeout 250 python bench/kernels.py --quick --budget-s 200 --out "$out" 2>&1 | tee "$out/kernels_log.txt" | tail -80
 
 if [ -f bench/models.py ]; then
   echo "== model benchmark =="

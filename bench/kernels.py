@@ -247,6 +247,31 @@ def _implementations(case: Case, device: torch.device) -> dict[str, Callable]:
     return impls
 
 
+def _time_implementation(case, name, fn, args, batch, dtype, traffic, flops, ceilings, device, quick):
+    rows = []
+    for mode, run in _modes(fn, args, case.grad_args).items():
+        ms = common.time_ms(run, device, quick=quick)
+        row = {
+            "op": case.op,
+            "shape": case.shape,
+            "batch": batch,
+            "dtype": str(dtype).replace("torch.", ""),
+            "impl": name,
+            "mode": mode,
+            "ms": ms,
+        }
+        if flops:
+            row["TFLOPs"] = flops[mode] / ms / 1e9
+            row["ceiling_%"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
+        else:
+            row["GBps"] = traffic[mode] / ms / 1e6
+            row["ceiling_%"] = 100 * row["GBps"] / ceilings["copy_GBps"]
+        if mode == "fwd+bwd":
+            row["peak_MB"] = common.peak_memory_mb(run, device)
+        rows.append(row)
+    return rows
+
+
 def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, batch: int, ceilings: dict, quick: bool
 ) -> list[dict]:
@@ -256,38 +281,15 @@ def run_case(
     flops = _attention_flops(case, batch) if case.attention else None
     for name, fn in _implementations(case, device).items():
         try:
-            modes = _modes(fn, args, case.grad_args)
-        except (RuntimeError, ImportError, ValueError) as err:  # backend not installed / unsupported
-            rows.append(
-                {
-                    "op": case.op,
-                    "shape": case.shape,
-                    "impl": name,
-                    "mode": "-",
-                    "error": str(err).splitlines()[0][:80],
-                }
+            rows += _time_implementation(
+                case, name, fn, args, batch, dtype, traffic, flops, ceilings, device, quick
             )
-            continue
-        for mode, run in modes.items():
-            ms = common.time_ms(run, device, quick=quick)
-            row = {
-                "op": case.op,
-                "shape": case.shape,
-                "batch": batch,
-                "dtype": str(dtype).replace("torch.", ""),
-                "impl": name,
-                "mode": mode,
-                "ms": ms,
-            }
-            if flops:
-                row["TFLOPs"] = flops[mode] / ms / 1e9
-                row["ceiling_%"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
-            else:
-                row["GBps"] = traffic[mode] / ms / 1e6
-                row["ceiling_%"] = 100 * row["GBps"] / ceilings["copy_GBps"]
-            if mode == "fwd+bwd":
-                row["peak_MB"] = common.peak_memory_mb(run, device)
-            rows.append(row)
+        except Exception as err:  # noqa: BLE001 -- one broken backend must not lose the other rows
+            message = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+            rows.append({"op": case.op, "shape": case.shape, "impl": name, "mode": "-", "error": message})
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -320,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument(
+        "--budget-s", type=float, default=None, help="start no new op after this many seconds"
+    )
+    parser.add_argument(
         "--out", type=Path, default=common.RESULTS_DIR, help="folder for the JSON and markdown"
     )
     args = parser.parse_args(argv)
@@ -345,11 +350,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if note:
         print(note)
 
-    rows = []
-    for case in cases:
-        t0 = time.perf_counter()
-        rows += run_case(case, device, dtype, batch, ceilings, args.quick)
-        print(f"  {case.op:20s} {case.shape:45s} {time.perf_counter() - t0:6.1f} s")
     stamp = time.strftime("%Y-%m-%d")
     tag = common.device_name(device).split(" (")[0].replace(" ", "-")
     meta = {
@@ -360,7 +360,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "batch": batch,
         "note": note,
     }
+    rows: list[dict] = []
     path = common.write_results(rows, meta, args.out, f"kernels-{stamp}-{tag}", COLUMNS)
+    start = time.perf_counter()
+    for case in cases:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            print(
+                f"  budget of {args.budget_s:.0f} s spent: {case.op} [{case.shape}] and later cases not run"
+            )
+            meta["note"] = (note or "") + " Stopped early by --budget-s."
+            break
+        t0 = time.perf_counter()
+        rows += run_case(case, device, dtype, batch, ceilings, args.quick)
+        print(f"  {case.op:20s} {case.shape:45s} {time.perf_counter() - t0:6.1f} s")
+        # Written after every case, so a run stopped by a time limit keeps what it measured.
+        path = common.write_results(rows, meta, args.out, f"kernels-{stamp}-{tag}", COLUMNS)
     print(path.read_text())
     return path
 
