@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
-from .triton_utils import jit, tl, triton
+from .backend import interpreter_active, use_triton
+from .triton_utils import jit, store_cast, tl, triton
 
 # Widest row chunk held in registers. Wider rows are processed in chunks, in two sweeps
 # (statistics, then gradient), which re-reads each row once.
@@ -52,6 +52,7 @@ def _cosine_loss_kernel(
     BLOCK_D: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # One program owns BLOCK_R whole rows of the contiguous [R, D] inputs.
     pid = tl.program_id(0)
@@ -98,9 +99,10 @@ def _cosine_loss_kernel(
         inv_norm_p = tl.where(nonzero, 1.0 / tl.where(nonzero, norm_p, 1.0), 0.0)
         coef_p = (scale * cos / n_p * inv_norm_p)[:, None]
         coef_t = (scale / n_p / n_t)[:, None]
+        # store_cast rounds to nearest even under the interpreter too (it truncates fp32 -> bf16).
         if NUM_CHUNKS == 1:
             g = coef_p * p - coef_t * t
-            tl.store(grad_ptr + row_start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            store_cast(grad_ptr + row_start + cols, g, mask, INTERPRET)
         else:
             for c in range(NUM_CHUNKS):
                 ccols = c * BLOCK_D + cols
@@ -108,7 +110,7 @@ def _cosine_loss_kernel(
                 p = tl.load(pred_ptr + row_start + ccols, mask=mask, other=0.0).to(tl.float32)
                 t = tl.load(target_ptr + row_start + ccols, mask=mask, other=0.0).to(tl.float32)
                 g = coef_p * p - coef_t * t
-                tl.store(grad_ptr + row_start + ccols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_cast(grad_ptr + row_start + ccols, g, mask, INTERPRET)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -151,6 +153,7 @@ def _cosine_loss_fwd(
         BLOCK_D=block_d,
         NUM_CHUNKS=num_chunks,
         NEED_GRAD=need_grad,
+        INTERPRET=interpreter_active(),
         num_warps=warps,
     )
     return partial.sum() / rows, grad

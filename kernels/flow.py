@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .backend import use_triton
-from .triton_utils import jit, tl, triton
+from .backend import interpreter_active, use_triton
+from .triton_utils import jit, store_cast, tl, triton
 
 # ----------------------------------------------------------------------------- reference
 
@@ -43,7 +43,9 @@ def velocity_mse_reference(pred: torch.Tensor, data: torch.Tensor, noise: torch.
 
 
 @jit
-def _flow_interpolate_fwd_kernel(x0_ptr, noise_ptr, tau_ptr, out_ptr, M, BLOCK: tl.constexpr):
+def _flow_interpolate_fwd_kernel(
+    x0_ptr, noise_ptr, tau_ptr, out_ptr, M, BLOCK: tl.constexpr, INTERPRET: tl.constexpr
+):
     # grid = (cdiv(M, BLOCK), B): axis 1 is the sample (CUDA allows 65535 there), so tau is
     # one scalar load per program.
     pid_m = tl.program_id(0)
@@ -55,7 +57,8 @@ def _flow_interpolate_fwd_kernel(x0_ptr, noise_ptr, tau_ptr, out_ptr, M, BLOCK: 
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     noise = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     out = (1.0 - t) * x0 + t * noise
-    tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    # store_cast: round to nearest even under the interpreter too (it truncates fp32 -> bf16).
+    store_cast(out_ptr + base + offs, out, mask, INTERPRET)
 
 
 @jit
@@ -70,6 +73,7 @@ def _flow_interpolate_bwd_kernel(
     M,
     BLOCK: tl.constexpr,
     TAU_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # d x0 = (1 - tau) g, d noise = tau g; d tau[b] = sum_row g (noise - x0), reduced in two
     # stages: one fp32 partial per (sample, block) here, summed over blocks on the host.
@@ -80,8 +84,8 @@ def _flow_interpolate_bwd_kernel(
     base = b * M
     t = tl.load(tau_ptr + b).to(tl.float32)
     g = tl.load(grad_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_x0_ptr + base + offs, ((1.0 - t) * g).to(grad_x0_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_noise_ptr + base + offs, (t * g).to(grad_noise_ptr.dtype.element_ty), mask=mask)
+    store_cast(grad_x0_ptr + base + offs, (1.0 - t) * g, mask, INTERPRET)
+    store_cast(grad_noise_ptr + base + offs, t * g, mask, INTERPRET)
     if TAU_GRAD:
         x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         noise = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -99,6 +103,7 @@ def _velocity_mse_kernel(
     grad_scale,
     BLOCK: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # r = pred - (data - noise); loss partial = sum r^2 per program (fp32, no atomics);
     # grad = (2 / N) r, the derivative of the mean w.r.t. pred (data: -grad, noise: +grad).
@@ -114,7 +119,7 @@ def _velocity_mse_kernel(
         # Float arguments can arrive as fp64 (Inductor-launched kernels) or as Python floats
         # (the interpreter, where `.to` fails); tl.cast keeps the arithmetic in fp32 for both.
         g = r * tl.cast(grad_scale, tl.float32)
-        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        store_cast(grad_ptr + offs, g, mask, INTERPRET)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -135,7 +140,14 @@ def _flow_interpolate_fwd(x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tens
     block, warps = _elementwise_block(m)
     grid = (triton.cdiv(m, block), b)
     _flow_interpolate_fwd_kernel[grid](
-        x0.contiguous(), noise.contiguous(), tau.contiguous(), out, m, BLOCK=block, num_warps=warps
+        x0.contiguous(),
+        noise.contiguous(),
+        tau.contiguous(),
+        out,
+        m,
+        BLOCK=block,
+        INTERPRET=interpreter_active(),
+        num_warps=warps,
     )
     return out
 
@@ -172,6 +184,7 @@ def _flow_interpolate_bwd(
         m,
         BLOCK=block,
         TAU_GRAD=tau_grad,
+        INTERPRET=interpreter_active(),
         num_warps=warps,
     )
     if tau_grad:
@@ -201,6 +214,7 @@ def _velocity_mse_fwd(
         2.0 / n,
         BLOCK=block,
         NEED_GRAD=need_grad,
+        INTERPRET=interpreter_active(),
         num_warps=warps,
     )
     return partial.sum() / n, grad
