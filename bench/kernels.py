@@ -19,6 +19,7 @@ and runnable anywhere: GPU figures need a GPU (bench/gpu_check.sh).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -231,19 +232,26 @@ def _implementations(case: Case, device: torch.device) -> dict[str, Callable]:
 
         return run
 
+    def compiled(fn, name, fullgraph=False, **kwargs):
+        # The backend is chosen outside the compiled function: Dynamo cannot trace
+        # ContextVar.set (use_backend), so a fullgraph compile of a function that enters
+        # use_backend itself fails. Tracing reads the backend in force, as train.py does.
+        target = functools.partial(fn, **kwargs) if kwargs else fn
+        return with_backend(torch.compile(target, fullgraph=fullgraph, dynamic=False), name)
+
     impls = {
         "eager": with_backend(case.reference, "torch"),
-        "compile": torch.compile(with_backend(case.reference, "torch"), dynamic=False),
+        "compile": compiled(case.reference, "torch"),
     }
     if device.type != "cuda":
         return impls
     if case.backends:
         for backend in case.backends:
             impls[f"ours:{backend}"] = with_backend(case.ours, "triton", backend=backend)
-        impls["compile:ours:sdpa"] = torch.compile(with_backend(case.ours, "triton", backend="sdpa"))
+        impls["compile:ours:sdpa"] = compiled(case.ours, "triton", backend="sdpa")
     else:
         impls["ours"] = with_backend(case.ours, "triton")
-        impls["compile:ours"] = torch.compile(with_backend(case.ours, "triton"), fullgraph=True)
+        impls["compile:ours"] = compiled(case.ours, "triton", fullgraph=True)
     return impls
 
 

@@ -94,10 +94,17 @@ def tokenizer_case(device: torch.device) -> TrainCase:
     base = make_config(
         "rectok-B" if on_gpu else "rectok-tiny", mask_ratio_min=MASK_RATIO, mask_ratio_max=MASK_RATIO
     )
+    teacher_name = "DINOv3 ViT-L/16 (random)" if on_gpu else "tiny teacher"
     if on_gpu:
-        teacher = Teacher(
-            "dinov3", "random", image_size=base.img_size, token_patch=base.patch_size, device=device
-        )
+        try:
+            teacher = Teacher(
+                "dinov3", "random", image_size=base.img_size, token_patch=base.patch_size, device=device
+            )
+        except Exception:  # timm < 1.0.20 has no DINOv3: DINOv2 ViT-L/14 gives the same [B, 256, 1024]
+            teacher = Teacher(
+                "dinov2", "random", image_size=base.img_size, token_patch=base.patch_size, device=device
+            )
+            teacher_name = "DINOv2 ViT-L/14 (random; this timm has no DINOv3)"
     else:
         teacher = Teacher.tiny(image_size=base.img_size, token_patch=base.patch_size).to(device)
     cfg = replace(base, semantic_dim=teacher.feature_dim)
@@ -105,8 +112,8 @@ def tokenizer_case(device: torch.device) -> TrainCase:
     if on_gpu:
         try:
             perceptual = PerceptualLoss("random").to(device)
-        except ImportError:
-            pass  # lpips is not installed: the row says "perceptual off"
+        except Exception:  # lpips (or torchvision) missing: the row says "perceptual off"
+            pass
     weights = LossWeights(perceptual=1.0 if perceptual is not None else 0.0, gan=0.0)
     batch = 64 if on_gpu else 4
     x = torch.rand(batch, 3, cfg.img_size, cfg.img_size, device=device) * 2 - 1
@@ -137,7 +144,6 @@ def tokenizer_case(device: torch.device) -> TrainCase:
 
         return tok, step
 
-    teacher_name = "DINOv3 ViT-L/16 (random)" if on_gpu else "tiny teacher"
     extra = "" if perceptual is not None or not on_gpu else ", perceptual off (no lpips)"
     name = f"tokenizer {'rectok-B' if on_gpu else 'rectok-tiny'} + {teacher_name}{extra}"
     return TrainCase(name, batch, build)
@@ -216,7 +222,12 @@ def count_flops(case: TrainCase) -> float:
 
 
 def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
-    flops = count_flops(case) if any(ctx.has_time(m) for m in modes) else 0.0
+    flops, flops_note = 0.0, None
+    if any(ctx.has_time(m) for m in modes):
+        try:
+            flops = count_flops(case)
+        except Exception as err:  # timings are still worth having without an MFU
+            flops, flops_note = None, f"no FLOP count ({_short(err)})"
     rows = []
     for mode in modes:
         if not ctx.has_time(mode):
@@ -237,7 +248,7 @@ def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
             except Exception as err:  # a mode that cannot run here (e.g. no C++ compiler for inductor)
                 rows.append({**ctx.skipped("train", case.name, mode, case.batch), "note": _short(err)})
                 continue
-        tflops = flops / sec / 1e12
+        tflops = flops / sec / 1e12 if flops is not None else None
         rows.append(
             {
                 "part": "train",
@@ -247,9 +258,10 @@ def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
                 "images_per_s": case.batch / sec,
                 "ms": sec * 1e3,
                 "TFLOPs": tflops,
-                "MFU_%": 100 * tflops / ctx.ceilings["matmul_TFLOPs"],
+                "MFU_%": 100 * tflops / ctx.ceilings["matmul_TFLOPs"] if tflops is not None else None,
                 "peak_MB": torch.cuda.max_memory_allocated(ctx.device) / 2**20 if gpu(ctx.device) else None,
-                "GFLOP_per_image": flops / case.batch / 1e9,
+                "GFLOP_per_image": flops / case.batch / 1e9 if flops is not None else None,
+                "note": flops_note,
             }
         )
     return rows
@@ -369,19 +381,22 @@ def data_rows(ctx: Bench, count: int) -> list[dict]:
             if not ctx.has_time(backend):
                 rows.append(ctx.skipped("data", name, backend, 32))
                 continue
-            loader = build_loader(
-                root,
-                split="train",
-                batch_size=32,
-                image_size=256,
-                train=True,
-                backend=backend,
-                device=ctx.device,
-                num_workers=workers,
-                exclude=None,
-            )
-
-            n, startup, steady = epoch(loader, ctx.device)  # the files were just written: in page cache
+            try:
+                loader = build_loader(
+                    root,
+                    split="train",
+                    batch_size=32,
+                    image_size=256,
+                    train=True,
+                    backend=backend,
+                    device=ctx.device,
+                    num_workers=workers,
+                    exclude=None,
+                )
+                n, startup, steady = epoch(loader, ctx.device)  # the files were just written: in page cache
+            except Exception as err:
+                rows.append({**ctx.skipped("data", name, backend, 32), "note": _short(err)})
+                continue
             where = f"{ctx.device.type} decode" if backend == "dali" else "CPU decode"
             rows.append(
                 {
@@ -542,7 +557,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return common.write_results(rows, meta, args.out, stem, COLUMNS)
 
     # Rows without compilation first, so a short budget still measures every model.
-    cases = [make(device) for make in (tokenizer_case, dit_case)] if "train" in args.parts else []
+    cases = []
+    for make in (tokenizer_case, dit_case) if "train" in args.parts else ():
+        try:
+            cases.append(make(device))
+        except Exception as err:  # e.g. a teacher this timm cannot build: say so, time the rest
+            name = make.__name__.removesuffix("_case")
+            rows.append({"part": "train", "model": name, "mode": "-", "batch": None, "note": _short(err)})
+            print(f"  train  {name}: cannot build the case: {_short(err)}")
     plain = [m for m in modes if "compile" not in m]
     compiled = [m for m in modes if "compile" in m]
     for group in (plain, compiled):
