@@ -26,6 +26,7 @@ import rectok.kernels.backend as backend
 import rectok.kernels.cosine_loss as cosine_loss
 import torch
 import torch.nn.functional as F
+from kernel_checks import check_bf16, check_fp32
 from rectok.kernels import cosine_distill_loss, cosine_distill_loss_reference, use_backend
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -53,32 +54,6 @@ def _forward_backward(fn, pred, target, backend_name, seed=1, **kwargs):
     return loss.detach(), leaf.grad
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _check_fp32(ours, ref):
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * scale)
-
-
-def _check_bf16(ours, ref32, torch_bf16, same_inputs_ref):
-    """A kernel result from bf16 inputs against an fp32 reference on the same values.
-
-    Its error is at most 2x PyTorch's own bf16 error (`torch_bf16`: plain bf16 arithmetic),
-    plus a tiny floor, and it is within two bf16 ulps of the reference run on the bf16 inputs
-    (`same_inputs_ref`: fp32 math, rounded once). Two, not one: the gradient is stored in
-    bf16 by the forward and rounded again when the backward scales it by grad_output.
-    """
-    assert ours.dtype == torch_bf16.dtype == same_inputs_ref.dtype
-    ours_err = _max_err(ours, ref32)
-    torch_err = _max_err(torch_bf16, ref32)
-    floor = 1e-6 * ref32.abs().max().item()
-    bound = 2 * torch_err + floor
-    assert ours_err <= bound, f"ours {ours_err:.3g} vs torch bf16 {torch_err:.3g}"
-    torch.testing.assert_close(ours.float(), same_inputs_ref.float(), rtol=2**-6, atol=floor)
-
-
 def _cosine_bf16_native(pred, target, eps=1e-8):
     """What plain bf16 PyTorch computes: norms, products and the mean in bf16."""
     return (1.0 - F.cosine_similarity(pred, target.detach(), dim=-1, eps=eps)).mean()
@@ -89,8 +64,8 @@ def _compare_fp32(pred, target, **kwargs):
     ref, ref_grad = _forward_backward(cosine_distill_loss_reference, pred, target, "torch", **kwargs)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert grad.dtype == pred.dtype and grad.shape == pred.shape
-    _check_fp32(loss, ref)
-    _check_fp32(grad, ref_grad)
+    check_fp32(loss, ref)
+    check_fp32(grad, ref_grad)
 
 
 def _compare_bf16(pred, target):
@@ -102,8 +77,8 @@ def _compare_bf16(pred, target):
     same, same_grad = _forward_backward(cosine_distill_loss_reference, pred, target, "torch")
     assert loss.dtype == torch.float32  # the loss is fp32 whatever the inputs
     assert grad.dtype == torch.bfloat16
-    _check_bf16(loss, ref32, native.float(), same)
-    _check_bf16(grad, ref32_grad, native_grad, same_grad)
+    check_bf16(loss, ref32, native.float(), same)
+    check_bf16(grad, ref32_grad, native_grad, same_grad)
 
 
 # ----------------------------------------------------------------------------- values and gradients
@@ -162,14 +137,14 @@ def test_target_gets_no_gradient_and_grad_output_scales():
     assert target.grad is None
     ref_pred = pred.detach().clone().requires_grad_(True)
     cosine_distill_loss_reference(ref_pred, target).backward()
-    _check_fp32(pred.grad, 3.0 * ref_pred.grad)
+    check_fp32(pred.grad, 3.0 * ref_pred.grad)
 
 
 def test_no_grad_needed():
     pred, target = _inputs((5, 72), torch.float32)
     with use_backend("triton"), torch.no_grad():
         loss = cosine_distill_loss(pred, target)
-    _check_fp32(loss, cosine_distill_loss_reference(pred, target))
+    check_fp32(loss, cosine_distill_loss_reference(pred, target))
     assert not loss.requires_grad
 
 
@@ -188,8 +163,8 @@ def test_cosine_loss_compiles_in_one_graph(backend_name):
     assert counter.frame_count == 1
     uses_kernel = any("rectok" in str(node.target) for gm in counter.graphs for node in gm.graph.nodes)
     assert uses_kernel == (backend_name == "triton")
-    _check_fp32(loss, eager)
-    _check_fp32(grad, eager_grad)
+    check_fp32(loss, eager)
+    check_fp32(grad, eager_grad)
 
 
 def test_opcheck_cosine_op():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import rectok.kernels.backend as backend
 import torch
+from kernel_checks import check_bf16, check_fp32
 from rectok.kernels import (
     flow_interpolate,
     flow_interpolate_reference,
@@ -63,38 +64,12 @@ def _forward_backward(fn, inputs, backend_name, seed=1):
     return out.detach(), [x.grad for x in leaves]
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _check_fp32(ours, ref):
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * scale)
-
-
-def _check_bf16(ours, ref32, torch_bf16, same_inputs_ref):
-    """A bf16 kernel result against an fp32 reference on the same (bf16-valued) inputs.
-
-    Its error is at most 2x PyTorch's own bf16 error (`torch_bf16`: plain bf16 arithmetic),
-    plus a tiny floor, and it is within two bf16 ulps of the reference run on the bf16 inputs
-    (`same_inputs_ref`: fp32 math, rounded once). Two, not one: loss gradients are stored in
-    bf16 by the forward and rounded again when the backward scales them by grad_output.
-    """
-    assert ours.dtype == torch_bf16.dtype == same_inputs_ref.dtype
-    ours_err = _max_err(ours, ref32)
-    torch_err = _max_err(torch_bf16, ref32)
-    floor = 1e-6 * ref32.abs().max().item()
-    bound = 2 * torch_err + floor
-    assert ours_err <= bound, f"ours {ours_err:.3g} vs torch bf16 {torch_err:.3g}"
-    torch.testing.assert_close(ours.float(), same_inputs_ref.float(), rtol=2**-6, atol=floor)
-
-
 def _compare_fp32(fn, ref_fn, inputs):
     out, grads = _forward_backward(fn, inputs, "triton")
     ref, ref_grads = _forward_backward(ref_fn, inputs, "torch")
     assert out.dtype == ref.dtype and out.shape == ref.shape
     for ours, expected in zip([out, *grads], [ref, *ref_grads]):
-        _check_fp32(ours, expected)
+        check_fp32(ours, expected)
 
 
 def _compare_bf16(fn, ref_fn, native_fn, inputs):
@@ -105,9 +80,9 @@ def _compare_bf16(fn, ref_fn, native_fn, inputs):
     same, same_grads = _forward_backward(ref_fn, inputs, "torch")
     assert out.dtype == same.dtype
     assert all(g.dtype == torch.bfloat16 for g in grads)
-    _check_bf16(out, ref32, native.to(out.dtype), same)
+    check_bf16(out, ref32, native.to(out.dtype), same)
     for ours, *refs in zip(grads, ref32_grads, native_grads, same_grads):
-        _check_bf16(ours, *refs)
+        check_bf16(ours, *refs)
 
 
 def _flow_bf16_native(x0, noise, tau):
@@ -155,8 +130,8 @@ def test_flow_interpolate_non_contiguous_and_no_tau_grad():
     with use_backend("triton"):
         out = flow_interpolate(x0, noise, tau)
     out.sum().backward()
-    _check_fp32(out.detach(), flow_interpolate_reference(x0.detach(), noise, tau))
-    _check_fp32(x0.grad, (1 - tau).reshape(-1, 1, 1).expand(5, 3, 72))
+    check_fp32(out.detach(), flow_interpolate_reference(x0.detach(), noise, tau))
+    check_fp32(x0.grad, (1 - tau).reshape(-1, 1, 1).expand(5, 3, 72))
     assert tau.grad is None
 
 
@@ -196,7 +171,7 @@ def test_velocity_mse_no_grad_needed():
     pred, data, noise = _loss_inputs((3, 72), torch.float32)
     with use_backend("triton"), torch.no_grad():
         loss = velocity_mse(pred, data, noise)
-    _check_fp32(loss, velocity_mse_reference(pred, data, noise))
+    check_fp32(loss, velocity_mse_reference(pred, data, noise))
     assert not loss.requires_grad
 
 
@@ -217,7 +192,7 @@ def _compiled_matches_eager(fn, inputs, backend_name):
     uses_kernel = any("rectok" in str(node.target) for gm in counter.graphs for node in gm.graph.nodes)
     assert uses_kernel == (backend_name == "triton")
     for ours, expected in zip([out, *grads], [eager, *eager_grads]):
-        _check_fp32(ours, expected)
+        check_fp32(ours, expected)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])

@@ -16,20 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import autograd_nodes
 from rectok.kernels import swiglu, swiglu_reference, use_backend
 
 NAMES = ["y", "dh"]
-
-
-def _autograd_nodes(out: torch.Tensor) -> set[str]:
-    """Names of all autograd nodes that produced out."""
-    names, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node.name() not in names:
-            names.add(node.name())
-            stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
 
 
 def _run(
@@ -42,7 +32,7 @@ def _run(
     if (
         backend == "triton" and not compiled
     ):  # the Triton op really ran, not a silent fallback to the reference
-        assert any("rectok" in name for name in _autograd_nodes(out)), _autograd_nodes(out)
+        assert any("rectok" in name for name in autograd_nodes(out)), autograd_nodes(out)
     if dy is None:
         out.sum().backward()  # upstream gradient is a stride-0 broadcast of ones
     else:
