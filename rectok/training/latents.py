@@ -19,6 +19,34 @@ from rectok.training.batches import encode_loader
 from rectok.training.runtime import Run
 
 
+class ChannelStats:
+    """Running per-channel sum, sum of squares and count of the posterior mean in float64 (a float32
+    sum over ~300M ImageNet tokens would lose the mean's low digits); shared by train.py and
+    `python -m rectok.latent_stats`."""
+
+    def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
+        self.channels = channels
+        self.acc = torch.zeros(2 * channels + 1, dtype=torch.float64, device=device)  # sum, sum sq, count
+
+    def update(self, moments: torch.Tensor) -> None:
+        """moments: (B, L, >= C) encoder output; its first C channels are the posterior mean."""
+        C = self.channels
+        mean = moments[..., :C].double().reshape(-1, C)  # (B * L, C)
+        self.acc[:C] += mean.sum(0)
+        self.acc[C : 2 * C] += mean.square().sum(0)
+        self.acc[-1] += mean.shape[0]
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(mean, std) float32 [C] and the number of latent vectors, summed over all ranks."""
+        C, acc = self.channels, D.all_reduce_sum_(self.acc.clone())
+        count = int(acc[-1].item())
+        if count == 0:
+            raise ValueError("no latent vectors were accumulated: the data yielded no readable images")
+        mu = acc[:C] / acc[-1]
+        std = (acc[C : 2 * C] / acc[-1] - mu.square()).clamp_min(1e-12).sqrt()
+        return mu.float(), std.float(), count
+
+
 @torch.no_grad()
 def latent_statistics(
     tok: nn.Module, cfg: TrainConfig, run: Run, root: Path
@@ -26,21 +54,14 @@ def latent_statistics(
     """Per-channel mean and std [C] of the posterior mean over the training set (no flip, center crop),
     accumulated in float64 over all ranks (SPEC section 6)."""
     loader = encode_loader(cfg, run, root, tok.cfg.img_size)
-    C = tok.cfg.token_channels
-    acc = torch.zeros(2 * C + 1, dtype=torch.float64, device=run.device)  # sum, sum of squares, count
+    stats = ChannelStats(tok.cfg.token_channels, run.device)
     for i, batch in enumerate(loader):
         if cfg.dit.stats_batches and i >= cfg.dit.stats_batches:
             break
         with run.autocast():
-            moments = tok.encoder(batch["image"].to(run.device))
-        mean = moments[..., :C].double().reshape(-1, C)  # (B * L, C)
-        acc[:C] += mean.sum(0)
-        acc[C : 2 * C] += mean.square().sum(0)
-        acc[-1] += mean.shape[0]
-    D.all_reduce_sum_(acc)
-    mu = acc[:C] / acc[-1]
-    std = (acc[C : 2 * C] / acc[-1] - mu.square()).clamp_min(1e-12).sqrt()
-    return mu.float(), std.float()
+            stats.update(tok.encoder(batch["image"].to(run.device)))
+    mu, std, _ = stats.finish()
+    return mu, std
 
 
 class CachedMoments:
