@@ -25,12 +25,11 @@ A corrupt file stops a DALI pipeline, so build the exclusion list first
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 
 import torch
 
-from rectok.data import CROPS, SampleSet, ShardedSampler
+from rectok.data import CROPS, SampleSet, ShardedLoader
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def build_pipeline(
     return pipe()
 
 
-class DALILoader:
+class DALILoader(ShardedLoader):
     """Batches of {"image", "label", "index"} from DALI; same interface as rectok.data.PILLoader.
 
     Images live on the loader's CUDA device with mixed decoding (CPU otherwise). Unreadable
@@ -185,8 +184,7 @@ class DALILoader:
             )
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(samples, batch_size, train, rank, world_size, seed)
         device = torch.device(device)
         if device.type == "cuda":
             self.device_id: int | None = (
@@ -194,36 +192,18 @@ class DALILoader:
             )
         else:
             self.device_id = None  # CPU-only pipeline
-        self.samples, self.batch_size, self.image_size, self.train = samples, batch_size, image_size, train
+        self.image_size = image_size
         self.crop, self.hflip = crop, train if hflip is None else hflip
-        self.sampler = ShardedSampler(len(samples), rank, world_size, train, seed)
-        if train and len(self.sampler) < batch_size:
-            raise ValueError(
-                f"rank {rank} gets {len(self.sampler)} training samples per epoch, fewer than one batch "
-                f"of {batch_size}: lower the batch size or use more data"
-            )
         self.rank, self.seed, self.num_threads = rank, seed, num_threads
         self.labels = torch.tensor(samples.labels, dtype=torch.int64)
-        self.epoch = 0
         self.num_skipped = 0
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = self.sampler.indices(epoch)
+        epoch = self.epoch
+        order = self._start_epoch()
         if not order:
             return  # an evaluation rank with no samples (more ranks than samples)
         pipe = build_pipeline(

@@ -364,7 +364,46 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
 
-class PILLoader:
+class ShardedLoader:
+    """What the PIL and DALI loaders share: one ShardedSampler, the epoch counter, batch counts.
+
+    Each pass over a loader is one epoch; `set_epoch` chooses the epoch of the next pass
+    (for resuming), otherwise it advances by one per pass.
+    """
+
+    def __init__(
+        self, samples: SampleSet, batch_size: int, train: bool, rank: int, world_size: int, seed: int
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.samples, self.batch_size, self.train = samples, batch_size, train
+        self.sampler = ShardedSampler(len(samples), rank, world_size, train, seed)
+        if train and len(self.sampler) < batch_size:
+            raise ValueError(
+                f"rank {rank} gets {len(self.sampler)} training samples per epoch, fewer than one batch "
+                f"of {batch_size}: lower the batch size or use more data"
+            )
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads per epoch (before dropping an incomplete training batch)."""
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def _start_epoch(self) -> list[int]:
+        """This rank's sample order for the pass that starts now."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.sampler.indices(epoch)
+
+
+class PILLoader(ShardedLoader):
     """Batches of {"image", "label", "index"} through a torch DataLoader (PIL decoding).
 
     Each pass over the loader is one epoch; `set_epoch` chooses the epoch of the next pass
@@ -388,9 +427,7 @@ class PILLoader:
         num_workers: int = 4,
         pin_memory: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.samples, self.batch_size, self.train = samples, batch_size, train
+        super().__init__(samples, batch_size, train, rank, world_size, seed)
         self.dataset = ImageDataset(
             samples,
             image_size=image_size,
@@ -399,36 +436,17 @@ class PILLoader:
             seed=seed,
             on_error="substitute" if train else "drop",
         )
-        self.sampler = ShardedSampler(len(samples), rank, world_size, train, seed)
-        if train and len(self.sampler) < batch_size:
-            raise ValueError(
-                f"rank {rank} gets {len(self.sampler)} training samples per epoch, fewer than one batch "
-                f"of {batch_size}: lower the batch size or use more data"
-            )
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.epoch = 0
         self.bad_indices: set[int] = set()
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank reads per epoch (before dropping an incomplete training batch)."""
-        return len(self.sampler)
 
     @property
     def num_skipped(self) -> int:
         """Distinct unreadable files met so far (skipped and logged)."""
         return len(self.bad_indices)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        keys = [(epoch, i) for i in self.sampler.indices(epoch)]
+        epoch = self.epoch
+        keys = [(epoch, i) for i in self._start_epoch()]
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
