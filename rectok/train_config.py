@@ -35,6 +35,7 @@ LR_SCHEDULES = ("cosine", "constant", "const_linear")
 NOISE_SCHEDULES = ("shift", "uniform", "lognorm")
 PERCEPTUAL_WEIGHTS = ("pretrained", "random")
 TEACHERS = ("dinov3", "dinov2", "tiny")
+TEACHER_TARGETS = ("release", "clean")  # rectok.teacher.TARGET_MODES
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -83,6 +84,9 @@ class TokenizerTrainConfig:
     token_channels: int = 0  # 0 = the preset's C
     teacher: str = "dinov3"  # dinov3 | dinov2 (ViT-L) | tiny (small DINOv3-style ViT for tests and demos)
     teacher_weights: str = ""  # local weight file; "" = HF / torch hub cache (offline); "random" = untrained
+    # release: what the official release computes (uint8 floor before the HF processor, teacher in
+    # train mode with DINOv3's RoPE rescale); clean: deterministic eval-mode targets, no floor.
+    teacher_targets: str = "release"
     mask_ratio_min: float = -0.1  # r = max(0, U(min, max)) per step
     mask_ratio_max: float = 0.4
     noise_schedule: str = "shift"
@@ -205,6 +209,7 @@ class TrainConfig:
 
         t = self.tok
         err.choice("tok.teacher", t.teacher, TEACHERS)
+        err.choice("tok.teacher_targets", t.teacher_targets, TEACHER_TARGETS)
         err.choice("tok.noise_schedule", t.noise_schedule, NOISE_SCHEDULES)
         err.check(t.token_channels >= 0, f"tok.token_channels must be >= 0, got {t.token_channels}")
         err.check(
@@ -273,6 +278,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "micro_batch": 64,
         "tok.preset": "rectok-B",
         "tok.teacher": "dinov3",
+        "tok.teacher_targets": "release",
         "optim.blr": 1e-4,
         "optim.warmup_epochs": 50,
         "optim.grad_clip": 3.0,
