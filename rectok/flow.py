@@ -7,6 +7,7 @@ so tests and reproducible runs can pin them down.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -47,12 +48,32 @@ def random_masking_ids(
     """Per-sample random permutations keeping ceil(seq_len * (1 - ratio)) tokens."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
-    len_keep = math.ceil(seq_len * (1.0 - ratio))
     # Ranking uniform noise gives a uniformly random permutation per row (as in MAE).
     noise = torch.rand(batch, seq_len, generator=generator, device=device)
-    ids_shuffle = torch.argsort(noise, dim=1)
+    return masking_from_shuffle(torch.argsort(noise, dim=1), ratio)
+
+
+def masking_from_shuffle(ids_shuffle: torch.Tensor, ratio: float) -> MaskIds:
+    """The masking of a given per-sample permutation ids_shuffle (B, L): keeps its first
+    ceil(L * (1 - ratio)) tokens."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must lie in [0, 1), got {ratio}")
+    len_keep = math.ceil(ids_shuffle.shape[1] * (1.0 - ratio))
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return MaskIds(ids_shuffle, ids_restore, ids_shuffle[:, :len_keep], len_keep)
+
+
+@dataclass
+class FlowDraws:
+    """Every random draw of one stage-1 forward, given instead of drawn (release-parity tests,
+    exact replays). Shapes: ids_shuffle (B, L) int64; posterior_noise and eps (B, L_keep, C)
+    standard normal (eps before the gamma scale); tau (B,) the noise level after the schedule."""
+
+    mask_ratio: float
+    ids_shuffle: torch.Tensor
+    posterior_noise: torch.Tensor
+    tau: torch.Tensor
+    eps: torch.Tensor
 
 
 def timestep_shift(grid_h: int, grid_w: int, channels: int) -> float:

@@ -40,6 +40,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the logit network of the RecTok release.
 VGG16_FILE = "vgg16-397923af.pth"
 CONVNEXT_S_FILE = "convnext_small-0c510722.pth"
+# The same files as the release's `offline_models/` folder names them, so that
+# `--loss.weights_dir offline_models` works on a copy of a release setup: its VGG16 trunk is
+# `vgg16.pth`, and its LPIPS linear heads (taming-transformers' `vgg.pth`, the LPIPS v0.1 heads)
+# sit in `lpips/vgg.pth`. Without that file the heads bundled with the `lpips` package are used.
+VGG16_ALIASES = (VGG16_FILE, "vgg16.pth")
+LPIPS_HEADS_FILES = ("lpips/vgg.pth", "vgg.pth")
 WEIGHT_URLS = {
     VGG16_FILE: "https://download.pytorch.org/models/vgg16-397923af.pth",
     CONVNEXT_S_FILE: "https://download.pytorch.org/models/convnext_small-0c510722.pth",
@@ -56,12 +62,16 @@ def weight_dirs(weights_dir: str | os.PathLike | None = None) -> list[Path]:
     return dirs
 
 
-def find_weights(filename: str, weights_dir: str | os.PathLike | None = None) -> Path:
-    """Path of a local weight file, or FileNotFoundError saying where to put it."""
+def find_weights(
+    filename: str, weights_dir: str | os.PathLike | None = None, aliases: tuple[str, ...] = ()
+) -> Path:
+    """Path of a local weight file (under `filename` or one of its `aliases`), or FileNotFoundError
+    saying where to put it."""
     dirs = weight_dirs(weights_dir)
     for d in dirs:
-        if (d / filename).is_file():
-            return d / filename
+        for name in (filename, *aliases):
+            if (d / name).is_file():
+                return d / name
     url = WEIGHT_URLS.get(filename, "")
     raise FileNotFoundError(
         f"weight file {filename} not found in: {', '.join(str(d) for d in dirs)}. "
@@ -139,7 +149,7 @@ def build_lpips_vgg(weights: str, weights_dir: str | os.PathLike | None = None) 
         import lpips
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the perceptual loss needs the `lpips` package: pip install lpips") from err
-    path = find_weights(VGG16_FILE, weights_dir) if weights == "pretrained" else None
+    path = find_weights(VGG16_FILE, weights_dir, VGG16_ALIASES[1:]) if weights == "pretrained" else None
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=` flag
         warnings.simplefilter("ignore", UserWarning)
         # pnet_rand=True: build the trunk without torchvision's download; filled below.
@@ -153,7 +163,27 @@ def build_lpips_vgg(weights: str, weights_dir: str | os.PathLike | None = None) 
             trunk[name] = state[f"features.{idx_leaf}"]
         model.net.load_state_dict(trunk, strict=True)
         log.info("LPIPS VGG16 trunk from %s", path)
+        found = (d / f for d in weight_dirs(weights_dir) for f in LPIPS_HEADS_FILES if (d / f).is_file())
+        heads = next(found, None)
+        if heads is not None:
+            load_lpips_heads(model, heads)
     return model.eval().requires_grad_(False)
+
+
+def load_lpips_heads(model: nn.Module, path: Path) -> None:
+    """The five 1x1 linear heads of LPIPS from a taming-transformers / release `vgg.pth`
+    (keys `lin{i}.model.1.weight`) into an `lpips.LPIPS` model."""
+    state = _read_state(path)
+    with torch.no_grad():
+        for i, lin in enumerate(model.lins):
+            key = f"lin{i}.model.1.weight"
+            if key not in state or state[key].shape != lin.model[-1].weight.shape:
+                raise ValueError(
+                    f"{path} is not an LPIPS-VGG heads file: expected {key} of shape "
+                    f"{tuple(lin.model[-1].weight.shape)} (the release's offline_models/lpips/vgg.pth)"
+                )
+            lin.model[-1].weight.copy_(state[key])
+    log.info("LPIPS linear heads from %s", path)
 
 
 class PerceptualLoss(nn.Module):
@@ -233,7 +263,8 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all tokens [B, L, D] of 1 - cos(pred, target): FSD on visible, RAD on masked tokens."""
-    return kernels.cosine_distill_loss(pred, target)
+    # eps = 1e-12 as F.normalize in the release (it only matters for near-zero vectors).
+    return kernels.cosine_distill_loss(pred, target, eps=1e-12)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

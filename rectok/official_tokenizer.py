@@ -66,15 +66,18 @@ def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def official_name(key: str, teacher: str = "dinov3") -> str:
+    """The official name of one of our tokenizer state-dict keys, e.g. pixel_decoder.embed.weight ->
+    decoder.decoder_embed.weight."""
+    name = _rename(key, _tables(teacher))
+    if name is None:
+        raise KeyError(f"no official name for {key}")
+    return name
+
+
 def tokenizer_to_official(model: RecTok) -> dict[str, torch.Tensor]:
     """Our state dict renamed to the official layout (loadable by the official RecTok class)."""
-    pairs = _tables(model.cfg.teacher)
-    out = {}
-    for key, value in model.state_dict().items():
-        name = _rename(key, pairs)
-        assert name is not None, f"no official name for {key}"
-        out[name] = value
-    return out
+    return {official_name(k, model.cfg.teacher): v for k, v in model.state_dict().items()}
 
 
 def _depth(state: dict[str, torch.Tensor], prefix: str) -> int:

@@ -345,27 +345,36 @@ class RecTok(nn.Module):
         """Deterministic round trip through the posterior mean; images in [0, 1]."""
         return self.decode(self.encode(x).mean)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> TokenizerOutput:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, draws: flow.FlowDraws | None = None
+    ) -> TokenizerOutput:
         """Training step forward (official semantics) in train mode; plain autoencoding in eval mode.
 
         Train: random MAE masking, posterior sample of the visible tokens, forward flow
         z_t = (1 - tau) z + tau * gamma * eps, both decoders on z_t. Eval: no masking,
-        posterior mean, no noise, no semantic prediction.
+        posterior mean, no noise, no semantic prediction. `draws` replaces every random draw of
+        the train-mode forward (then `generator` is unused).
         """
         cfg = self.cfg
         if not self.training:
             post = self.encode(x)
             return TokenizerOutput(self.pixel_decoder(post.mean), post, None, None, None)
         B, device = x.shape[0], x.device
-        ratio = flow.sample_mask_ratio(generator, cfg.mask_ratio_min, cfg.mask_ratio_max)
-        mask = flow.random_masking_ids(B, cfg.seq_len, ratio, generator, device=device)
+        if draws is None:
+            ratio = flow.sample_mask_ratio(generator, cfg.mask_ratio_min, cfg.mask_ratio_max)
+            mask = flow.random_masking_ids(B, cfg.seq_len, ratio, generator, device=device)
+        else:
+            mask = flow.masking_from_shuffle(draws.ids_shuffle.to(device), draws.mask_ratio)
         post = self.encode(x, mask.ids_keep)
-        z = post.sample(generator)
+        z = post.sample(generator, noise=None if draws is None else draws.posterior_noise.to(post.mean))
         tau = None
         if cfg.gamma > 0:
-            tau = flow.sample_tau(B, cfg.shift, cfg.noise_schedule, generator, device=device)
-            eps = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype) * cfg.gamma
-            z = flow.forward_flow(z, eps, tau)
+            if draws is None:
+                tau = flow.sample_tau(B, cfg.shift, cfg.noise_schedule, generator, device=device)
+                eps = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)
+            else:
+                tau, eps = draws.tau.to(device), draws.eps.to(z)
+            z = flow.forward_flow(z, eps * cfg.gamma, tau)
         sem = self.semantic_decoder(z, mask.ids_restore) if self.semantic_decoder is not None else None
         return TokenizerOutput(self.pixel_decoder(z, mask.ids_restore), post, sem, mask, tau)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from rectok import model_io
 from rectok.discriminator import PatchDiscriminator
 from rectok.ema import EMA
 from rectok.eval.image_metrics import psnr
+from rectok.flow import FlowDraws
 from rectok.losses import DiscriminatorLoss, LossWeights, PerceptualLoss, tokenizer_loss
 from rectok.optim import build_adamw, set_lr
 from rectok.tokenizer import DiagonalGaussian, RecTok, make_config
@@ -59,10 +61,19 @@ def build_teacher(cfg: TrainConfig, tok_cfg, device: torch.device):
     weights = t.teacher_weights or None
     if t.teacher == "tiny":
         teacher = Teacher.tiny(
-            weights or "random", image_size=tok_cfg.img_size, token_patch=tok_cfg.patch_size
+            weights or "random",
+            image_size=tok_cfg.img_size,
+            token_patch=tok_cfg.patch_size,
+            targets=t.teacher_targets,
         )
     else:
-        teacher = Teacher(t.teacher, weights, image_size=tok_cfg.img_size, token_patch=tok_cfg.patch_size)
+        teacher = Teacher(
+            t.teacher,
+            weights,
+            image_size=tok_cfg.img_size,
+            token_patch=tok_cfg.patch_size,
+            targets=t.teacher_targets,
+        )
     return teacher.to(device)
 
 
@@ -90,6 +101,40 @@ def build_tokenizer(cfg: TrainConfig, device: torch.device) -> tuple[RecTok, nn.
         gamma=cfg.tok.gamma,
     )
     return RecTok(make_config(cfg.tok.preset, **overrides)).to(device), teacher, None
+
+
+def stage1_losses(
+    tok: nn.Module,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+    weights: LossWeights,
+    *,
+    perceptual: PerceptualLoss | None,
+    discriminator: nn.Module | None,
+    draws: FlowDraws | None = None,
+    rope_rescale: torch.Tensor | float | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One stage-1 micro-batch: tokenizer forward (masking, posterior sample, forward flow, both
+    decoders), teacher targets and every generator-side loss term. x: images [B, 3, H, W] in
+    [-1, 1]; tok may be DDP-wrapped. `draws` / `rope_rescale` inject the random draws (parity
+    tests); by default they are drawn, the tokenizer's first and the teacher's last, as the
+    release does. The networks run under `autocast`, the losses outside it in float32 (as the
+    release's loss module). Returns (terms of rectok.losses.tokenizer_loss, decoder output)."""
+    with autocast():
+        out = tok(x) if draws is None else tok(x, draws=draws)
+        target = teacher(x, rope_rescale=rope_rescale) if teacher is not None else None
+    terms = tokenizer_loss(
+        x * 0.5 + 0.5,
+        out.images.float() * 0.5 + 0.5,
+        weights,
+        perceptual=perceptual,
+        posterior=out.posterior,
+        semantic_pred=out.semantic,
+        semantic_target=target,
+        discriminator=discriminator,
+    )
+    return terms, out.images
 
 
 @torch.no_grad()
@@ -222,7 +267,9 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     # ---- loop
     tok.train()
     if teacher is not None:
-        teacher.eval()
+        # The release trains with its teacher in train mode (DINOv3's RoPE rescale); "clean" targets
+        # keep it in eval mode.
+        teacher.train(cfg.tok.teacher_targets == "release")
     nan_steps = cfg.nan_steps()
     first_eval = images(f"{pos.step:07d}")
     run.print(f"held-out PSNR at step {pos.step}: {first_eval}")
@@ -240,27 +287,20 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             x = next(batches)["image"].to(device, non_blocking=True)
             sync = micro == accum - 1
             with contextlib.nullcontext() if sync or not info.enabled else fwd.no_sync():
-                with run.autocast():
-                    if stage1:
-                        out = fwd(x)
-                        x_hat, post, sem = out.images, out.posterior, out.semantic
-                        target = teacher(x) if teacher is not None else None
-                    else:
+                critic = disc.discriminator if gan_on else None
+                if stage1:
+                    terms, x_hat = stage1_losses(
+                        fwd, teacher, x, weights, perceptual=perceptual, discriminator=critic,
+                        autocast=run.autocast,
+                    )
+                else:
+                    with run.autocast():
                         with torch.no_grad():
                             moments = tok.encoder(x)
-                        post, sem, target = None, None, None
                         z = DiagonalGaussian(moments.float()).sample()  # no noise, no masking
                         x_hat = fwd(z)
-                terms = tokenizer_loss(
-                    x * 0.5 + 0.5,
-                    x_hat.float() * 0.5 + 0.5,
-                    weights,
-                    perceptual=perceptual,
-                    posterior=post,
-                    semantic_pred=sem,
-                    semantic_target=target,
-                    discriminator=disc.discriminator if gan_on else None,
-                )
+                    x01, x_hat01 = x * 0.5 + 0.5, x_hat.float() * 0.5 + 0.5
+                    terms = tokenizer_loss(x01, x_hat01, weights, perceptual=perceptual, discriminator=critic)
                 if pos.step in nan_steps:  # testing hook: a poisoned step
                     terms["loss"] = terms["loss"] * float("nan")
                 scaler.scale(terms["loss"] / accum).backward()
