@@ -217,17 +217,22 @@ class DiTDH(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.config.hidden_size[0], self.config.grid_size)[None])
 
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+    def drop_labels(self, y: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier-free-guidance label dropout: in training mode each label becomes the null class
-        with probability `label_dropout`; in eval mode labels pass unchanged."""
-        if not self.training or self.label_dropout <= 0:
-            return y
-        drop = torch.rand(y.shape, device=y.device) < self.label_dropout
+        with probability `label_dropout`; in eval mode labels pass unchanged. A given `drop` mask
+        [B] bool (True: null class) is applied as it is, in either mode, and nothing is drawn."""
+        if drop is None:
+            if not self.training or self.label_dropout <= 0:
+                return y
+            drop = torch.rand(y.shape, device=y.device) < self.label_dropout
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, label_drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [B, C, h, w] noisy latent, t [B] time (1 = data, 0 = noise), y [B] int64 labels
-        (num_classes = null class) -> velocity [B, C, h, w]."""
+        (num_classes = null class), label_drop [B] bool: an explicit label-dropout mask (see
+        drop_labels; None draws one in training mode) -> velocity [B, C, h, w]."""
         B, C, H, W = x.shape
         if (C, H * W) != (self.config.in_channels, self.config.num_tokens) or H != W:
             raise ValueError(
@@ -236,7 +241,7 @@ class DiTDH(nn.Module):
             )
         tokens = x.flatten(2).transpose(1, 2)  # (B, L, C), row-major
         t_emb = self.t_embedder(t.expand(B))  # (B, d_s)
-        c = F.silu(t_emb + self.y_embedder(self.drop_labels(y)))
+        c = F.silu(t_emb + self.y_embedder(self.drop_labels(y, label_drop)))
 
         s = self.s_embedder(tokens) + self.pos_embed  # (B, L, d_s)
         for block in self.trunk_blocks:

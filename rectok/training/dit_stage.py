@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,41 @@ from rectok.training.runtime import (
 )
 
 TOKENIZER_HINT = "Train a tokenizer first: `python train.py` writes runs/demo."
+
+
+@dataclass(frozen=True)
+class DiTDraws:
+    """The random draws of one DiT^DH loss evaluation, for replaying a step (e.g. the release's)."""
+
+    noise: torch.Tensor  # eps [B, C, h, w]
+    u: torch.Tensor  # [B] in [0, 1): the time before the shift, t = 1 - s u / (1 + (s - 1) u)
+    label_drop: torch.Tensor | None = None  # [B] bool, True: null class; None: the model draws it
+
+
+def flow_matching_loss(
+    model: Callable[..., torch.Tensor],
+    x1: torch.Tensor,
+    y: torch.Tensor,
+    shift: float,
+    draws: DiTDraws | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Velocity MSE (float32 scalar) of `model` (a DiTDH, possibly DDP-wrapped) on data x1 [B, C, h, w]
+    (t = 1) with labels y [B]: x_t = t x1 + (1 - t) eps, target x1 - eps. The noise, the time and
+    (inside the model, in training mode) the label-dropout mask are drawn unless `draws` gives them;
+    the forward runs under `autocast()`."""
+    if draws is None:
+        # The release's order: noise, time, then the label dropout in the model's forward.
+        eps = torch.randn(x1.shape, device=x1.device)
+        u = torch.rand(x1.shape[0], device=x1.device)
+        label_drop = None
+    else:
+        eps, u, label_drop = draws.noise, draws.u, draws.label_drop
+    t = 1.0 - flow.shift_tau(u, shift)
+    x_t = kernels.flow_interpolate(eps, x1, t)  # t * x1 + (1 - t) * eps
+    with autocast():
+        v = model(x_t, t, y, label_drop=label_drop)
+    return kernels.velocity_mse(v.float(), x1, eps)
 
 
 def _load_sharded(dit: DiTDH, opt: torch.optim.Optimizer, state: dict) -> None:
@@ -229,14 +265,9 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             z = DiagonalGaussian(moments.float()).sample()  # (B, L, C) posterior sample
             B = z.shape[0]
             x1 = normalizer.normalize(z.transpose(1, 2).reshape(B, C, grid, grid))  # data, t = 1
-            eps = torch.randn(x1.shape, device=device)
-            t = 1.0 - flow.shift_tau(torch.rand(B, device=device), shift)
-            x_t = kernels.flow_interpolate(eps, x1, t)  # t * x1 + (1 - t) * eps
             sync = micro == accum - 1 or fsdp or not info.enabled
             with contextlib.nullcontext() if sync else fwd.no_sync():
-                with run.autocast():
-                    v = fwd(x_t, t, y)
-                loss = kernels.velocity_mse(v.float(), x1, eps)
+                loss = flow_matching_loss(fwd, x1, y, shift, autocast=run.autocast)
                 if pos.step in nan_steps:  # testing hook: a poisoned step
                     loss = loss * float("nan")
                 scaler.scale(loss / accum).backward()
