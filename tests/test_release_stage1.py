@@ -96,6 +96,16 @@ def test_perceptual_terms(fx, perceptual, weights_dir):
     assert relative_error(composed, (fx["loss.lpips"] + 0.1 * fx["loss.convnext"]) / 1.1) < LOSS_TOL
 
 
+def test_wrong_lpips_heads_file_is_refused(weights_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "offline_models"
+    shutil.copytree(weights_dir, folder)
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, folder / "lpips" / "vgg.pth")
+    with pytest.raises(ValueError, match="not an LPIPS-VGG heads file"):
+        PerceptualLoss("pretrained", folder, convnext_weight=0.0)
+
+
 def test_kl_semantic_and_total(fx, perceptual):
     moments = fx["loss_moments"]
     mean, logvar = moments.chunk(2, dim=-1)
@@ -271,7 +281,7 @@ class Stage1:
         if gan_on:
             d_terms = self.disc(x * 0.5 + 0.5, x_hat.detach().float() * 0.5 + 0.5)
             d_terms["d_loss"].backward()
-            out["d_loss"] = float(d_terms["d_loss"])
+            out["d_loss"] = float(d_terms["d_loss"].detach())
             out["d_grad_norm"] = float(
                 optimizer_step(self.opt_d, self.scaler, list(self.disc.parameters()), 3.0, skip=False)[0]
             )
