@@ -7,6 +7,7 @@ on before triton is first imported, so this happens here, before any test module
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -24,6 +25,17 @@ HAS_CUDA = torch.cuda.is_available()
 def official_fixtures_dir() -> Path:
     """Folder of the official reference outputs (see ../shared/fixtures/official/README.md)."""
     return Path(os.environ.get("RECTOK_OFFICIAL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (weights must load offline)."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -92,15 +91,6 @@ def corrupt_folder(folder: Path, tmp_path: Path) -> Path:
     (root / "train" / "n02" / "truncated.JPEG").write_bytes(good[: len(good) // 3])
     (root / "train" / "n03" / "text.JPEG").write_text("this is not an image")
     return root
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _collect(loader) -> dict[str, torch.Tensor]:

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import timm
@@ -27,15 +25,6 @@ from torch import nn
 
 from rectok.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher
 from rectok.teacher_weights import TEACHERS
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -55,15 +54,6 @@ HF_FIXTURES = {
     ),
     "hf_dinov2_tiny": ("vit_small_patch14_dinov2", dict(TINY_V2, img_size=56)),
 }
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture
