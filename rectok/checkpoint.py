@@ -8,15 +8,24 @@ os.replace, so a crash leaves either the old or the new file, never a torn one. 
 checkpoints beyond `keep_last` are deleted, and `manifest.json` lists each file with
 its step, sha256 and config. Inference weights go to safetensors with the config
 (JSON) in the metadata.
+
+Resuming never trusts a file blindly: resolve_resume checks size and sha256 against the
+manifest before torch.load, walks back past damaged checkpoints under "auto" (warning which
+and why) and refuses a damaged explicit file; prepare_run_dir, at start, removes temp files
+of interrupted saves and refuses to restart a used run folder at step 0 unless told to.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +37,8 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 PREFIX = "ckpt_"
 SUFFIX = ".pt"
+
+log = logging.getLogger("rectok.checkpoint")
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -196,22 +207,180 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
-    """--resume value -> checkpoint path. "auto": the latest in run_dir, or None to start fresh;
-    a folder: its latest; a file: itself. A path that does not exist is an error."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint (ckpt_*.pt) in that folder")
-        return found
+RESUME_MODES = ("", "auto", "never")  # besides a checkpoint file or a run folder
+VERIFY_MODES = ("full", "size")
+# What a previous run leaves in its folder (config.json does not count: Run writes it first).
+RUN_FILES = (LATEST, MANIFEST, "metrics.jsonl", "metrics.json")
+# atomic_write's temp names: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def previous_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Files in run_dir that a previous run wrote: checkpoints (readable or not), `latest`, the
+    manifest and non-empty metrics. Empty when the folder is new (or missing)."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.glob(f"{PREFIX}*{SUFFIX}") if p.is_file()] if run_dir.is_dir() else []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_file() and (name in (LATEST, MANIFEST) or p.stat().st_size > 0):
+            found.append(p)
+    return sorted(found)
+
+
+def remove_temp_files(run_dir: str | os.PathLike) -> tuple[int, int]:
+    """Delete the temp files of interrupted atomic_write calls in run_dir (only names of our own
+    pattern, never anything else); returns (files removed, bytes freed) and logs them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return 0, 0
+    count = freed = 0
+    for p in run_dir.iterdir():
+        if p.is_file() and _TEMP_RE.match(p.name):
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            count, freed = count + 1, freed + size
+    if count:
+        log.warning(
+            "removed %d temp file(s) of interrupted saves from %s (%s)", count, run_dir, _human(freed)
+        )
+    return count, freed
+
+
+def prepare_run_dir(resume: str | None, run_dir: str | os.PathLike, is_main: bool = True) -> list[Path]:
+    """Called once at start on every rank, before the run writes anything into run_dir.
+
+    Refuses (ValueError, on every rank alike: the check only reads) a fresh start (--resume "")
+    over a previous run. Rank 0 (`is_main`) also removes temp files of interrupted saves and,
+    with --resume never, moves the previous run's files to run_dir/previous-<time>/ so that its
+    checkpoints (maybe at higher steps, which keep_last would prefer) and metrics cannot mix with
+    the new run's; returns the moved paths.
+    """
+    previous = previous_run_files(run_dir)
+    if previous and not resume:
+        raise ValueError(_fresh_refusal(run_dir, previous, "--resume is not set"))
+    if not is_main:
+        return []
+    remove_temp_files(run_dir)
+    if not previous or resume != "never":
+        return []  # a resume: resolve_resume decides (and refuses when nothing is usable)
+    archive = Path(run_dir) / time.strftime("previous-%Y%m%d-%H%M%S")
+    archive.mkdir()
+    moved = [Path(shutil.move(str(p), archive / p.name)) for p in previous]
+    log.warning(
+        "--resume never: starting fresh; moved the previous run's %d file(s) to %s", len(moved), archive
+    )
+    return moved
+
+
+def _fresh_refusal(run_dir: str | os.PathLike, previous: list[Path], why: str) -> str:
+    names = ", ".join(p.name for p in previous[:6]) + (" ..." if len(previous) > 6 else "")
+    return (
+        f"{run_dir} holds a previous run ({names}) and {why}: refusing to start fresh at step 0 over it. "
+        "Pass --resume auto to continue it, --resume never to start over (its files move to "
+        "previous-<time>/), or choose another --run_dir"
+    )
+
+
+def check_checkpoint(path: str | os.PathLike, verify: str = "full") -> str | None:
+    """Why `path` must not be resumed from (None when it passes): missing, empty, a size or
+    (verify="full") sha256 different from its manifest entry. A file the manifest does not list
+    passes with a warning (nothing to compare with; torch.load still has to read it)."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"checkpoint verify mode must be one of {', '.join(VERIFY_MODES)}; got {verify!r}")
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file (use 'auto' to pick the latest)")
-    return path
+        return "file does not exist"
+    size = path.stat().st_size
+    if size == 0:
+        return "file is empty (0 bytes; a save interrupted before the data reached the disk?)"
+    try:
+        entry = read_manifest(path.parent).get(path.name)
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s): %s is not verified", path.parent / MANIFEST, err, path.name)
+        return None
+    if entry is None:
+        log.warning("%s is not listed in %s: not verified against a sha256", path, MANIFEST)
+        return None
+    if entry.get("bytes") is not None and size != int(entry["bytes"]):
+        return f"size {size} bytes, the manifest says {entry['bytes']} (truncated or overwritten?)"
+    if verify == "size":
+        log.info(
+            "%s: size matches the manifest (%s; sha256 not checked: --ckpt_verify size)", path, _human(size)
+        )
+        return None
+    t0 = time.perf_counter()
+    digest = sha256(path)
+    took = time.perf_counter() - t0
+    if digest != entry.get("sha256"):
+        listed = str(entry.get("sha256"))[:12]
+        return f"sha256 {digest[:12]}... differs from the manifest's {listed}... (damaged bytes)"
+    log.info("%s: sha256 verified against the manifest (%s in %.3f s)", path, _human(size), took)
+    return None
+
+
+def resolve_resume(
+    resume: str | None,
+    run_dir: str | os.PathLike,
+    verify: str = "full",
+    map_location: str | torch.device = "cpu",
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """--resume value -> (checkpoint path, loaded state), or (None, None) to start fresh.
+
+    "" / "never": start fresh (prepare_run_dir has refused or archived a previous run).
+    "auto" (run_dir) or a folder: the newest checkpoint that verifies (check_checkpoint) and
+    loads; damaged newer ones are skipped with a warning naming each and why. "auto" with no
+    usable checkpoint starts fresh only in a folder without a previous run (else ValueError);
+    a folder with none is an error. A file: itself, and a damaged one is a ValueError.
+    """
+    if not resume or resume == "never":
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_file():
+            why = check_checkpoint(path, verify)
+            if why is not None:
+                raise ValueError(f"--resume {resume}: cannot resume from {path}: {why}")
+            return path, load_checkpoint(path, map_location)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"--resume {resume}: no such checkpoint file or folder (use 'auto' to pick the latest)"
+            )
+        run_dir = path
+    run_dir = Path(run_dir)
+    candidates = list_checkpoints(run_dir)[::-1]  # newest first
+    pointer = run_dir / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if named and not (run_dir / named).is_file():
+        log.warning("%s names %s, which does not exist", pointer, named)
+    skipped: list[str] = []
+    for path in candidates:
+        why = check_checkpoint(path, verify)
+        if why is None:
+            try:
+                state = load_checkpoint(path, map_location)
+            except ValueError as err:
+                cause = err.__cause__ or err  # some (EOFError()) have an empty message: name the type
+                why = f"torch.load failed: {type(cause).__name__}: {cause}"
+            else:
+                if skipped or (named and named != path.name):
+                    log.warning(
+                        "resuming from %s instead of %s; skipped: %s",
+                        path.name,
+                        named or candidates[0].name,
+                        "; ".join(skipped) or "none",
+                    )
+                return path, state
+        log.warning("skipping checkpoint %s: %s", path, why)
+        skipped.append(f"{path.name} ({why})")
+    reasons = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+    if resume != "auto" and skipped:
+        raise ValueError(f"--resume {resume}: no usable checkpoint in that folder{reasons}")
+    if resume != "auto":
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint (ckpt_*.pt) in that folder")
+    previous = previous_run_files(run_dir)
+    if previous:
+        raise ValueError(_fresh_refusal(run_dir, previous, f"no checkpoint in it is usable{reasons}"))
+    return None, None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -233,10 +402,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def verify_checkpoint(path: str | os.PathLike) -> bool:
-    """True when the file's sha256 matches its manifest entry (False when it differs or is not listed)."""
+    """True when the file's size and sha256 match its manifest entry (False when they differ or it
+    is not listed)."""
     path = Path(path)
-    entry = read_manifest(path.parent).get(path.name)
-    return entry is not None and entry["sha256"] == sha256(path)
+    try:
+        listed = read_manifest(path.parent).get(path.name) is not None
+    except (OSError, ValueError):
+        return False
+    return listed and check_checkpoint(path, "full") is None
+
+
+def _human(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 # ----------------------------------------------------------------------------- inference export

@@ -37,6 +37,20 @@ PERCEPTUAL_WEIGHTS = ("pretrained", "random")
 TEACHERS = ("dinov3", "dinov2", "tiny")
 TEACHER_TARGETS = ("release", "clean")  # rectok.teacher.TARGET_MODES
 DISTRIBUTED = ("ddp", "fsdp")
+CKPT_VERIFY = ("full", "size")  # rectok.checkpoint.VERIFY_MODES
+
+# --help text of the options whose one-line field comment cannot say enough.
+LONG_HELP = {
+    "resume": '"" (the default): start fresh, refused when run_dir holds a previous run (checkpoints, '
+    "manifest.json or metrics). auto: the newest checkpoint in run_dir that passes --ckpt_verify and "
+    "loads; damaged newer ones are skipped with a warning saying why; with none usable, start fresh "
+    "only in an unused run_dir. never: start fresh even over a previous run, whose files move to "
+    "run_dir/previous-<time>/. PATH: that checkpoint file (a damaged one is an error) or that run "
+    "folder's newest usable checkpoint.",
+    "ckpt_verify": "how a checkpoint is checked against manifest.json before resuming: full = size and "
+    "sha256 (reads the file once more; logs the time it took), size = byte count only (for very large "
+    "files). A checkpoint the manifest does not list is loaded with a warning.",
+}
 
 
 @dataclass
@@ -129,7 +143,8 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     tensorboard: bool = True
-    resume: str = ""  # path, run folder, or "auto" (latest in run_dir, else start fresh)
+    resume: str = ""  # "" | auto | never | PATH (see LONG_HELP)
+    ckpt_verify: str = "full"  # full | size: check a resumed checkpoint against manifest.json
     export: bool = True  # write the EMA weights as safetensors at the end
     debug_nan_steps: str = ""  # testing only: comma-separated steps whose loss is made NaN
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +180,7 @@ class TrainConfig:
         err.choice("precision", self.precision, PRECISIONS)
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
         err.choice("device", self.device, ("auto", "cpu", "cuda"))
+        err.choice("ckpt_verify", self.ckpt_verify, CKPT_VERIFY)
         err.check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         err.check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         err.check(
@@ -529,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{key}"] + (
             [f"--{short}"] if "." in key and counts[short] == 1 and short not in leaves else []
         )
-        text = f"{comments.get(key, '')} (default: {defaults[key]!r})".strip()
+        text = f"{LONG_HELP.get(key, comments.get(key, ''))} (default: {defaults[key]!r})".strip()
         kwargs: dict[str, Any] = {
             "dest": key,
             "default": argparse.SUPPRESS,

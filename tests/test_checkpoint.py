@@ -5,7 +5,8 @@ position) round-trips through torch.load(weights_only=True) and continues traini
 bit-identically; RNG states restore Python, numpy and torch streams exactly; writes are
 atomic (a failing write leaves the previous file and no temp file), `latest` and the
 manifest (with sha256) follow the newest file, keep-last-N prunes; non-finite weights
-are never written; resume paths resolve; safetensors export carries the config.
+are never written; resume values resolve to (path, loaded state) (damaged files and used
+run folders: test_resume_faults.py); safetensors export carries the config.
 """
 
 from __future__ import annotations
@@ -146,12 +147,14 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 
 def test_resolve_resume(tmp_path):
-    assert ck.resolve_resume("", tmp_path) is None
-    assert ck.resolve_resume("auto", tmp_path) is None  # nothing yet: start fresh
-    path = ck.save_checkpoint(tmp_path, {"model": {}}, step=5)
-    assert ck.resolve_resume("auto", tmp_path) == path
-    assert ck.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == path
-    assert ck.resolve_resume(str(path), tmp_path) == path
+    assert ck.resolve_resume("", tmp_path) == (None, None)
+    assert ck.resolve_resume("auto", tmp_path) == (None, None)  # nothing yet: start fresh
+    path = ck.save_checkpoint(tmp_path, {"model": {}, "step": 5}, step=5)
+    assert ck.resolve_resume("auto", tmp_path)[0] == path
+    assert ck.resolve_resume("auto", tmp_path)[1]["step"] == 5
+    assert ck.resolve_resume(str(tmp_path), tmp_path / "elsewhere")[0] == path
+    assert ck.resolve_resume(str(path), tmp_path)[0] == path
+    assert ck.resolve_resume("never", tmp_path) == (None, None)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         ck.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
     (tmp_path / "sub").mkdir()

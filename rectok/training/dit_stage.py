@@ -122,8 +122,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if num_classes < 1:
         raise ValueError("the dataset has no class folders: pass --dit.num_classes")
 
-    resume = ckpt.resolve_resume(cfg.resume, run.run_dir)
-    state = ckpt.load_checkpoint(resume) if resume is not None else None
+    resume, state = ckpt.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
     if state is not None:
         mu, std = state["latent_stats"]["mean"], state["latent_stats"]["std"]
     else:

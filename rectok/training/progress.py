@@ -70,6 +70,7 @@ class Position:
         counters = state["counters"]
         pos = cls(state["step"], epoch, batch, counters["nonfinite_total"], counters["nonfinite_streak"])
         restore_rng(state.get("rng"), run)
+        run.rewind_to(pos.step)
         run.print(f"resumed from {path} at step {pos.step} (epoch {epoch}, batch {batch})")
         return pos
 
@@ -122,6 +123,7 @@ def data_position(state: dict, sched: Schedule, run: Run, cfg: TrainConfig) -> t
 # Options that may change between a run and its continuation without a warning.
 RESUMABLE_CHANGES = {
     "resume",
+    "ckpt_verify",
     "max_steps",
     "run_dir",
     "log_every",

@@ -53,6 +53,9 @@ class Run:
         self.writer = None
         self.metrics_file = None
         self.t0 = time.time()
+        # Before anything is written: drop temp files of interrupted saves, and refuse (or, with
+        # --resume never, archive) a previous run so that step 0 never appends to its metrics.
+        ckpt.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "images").mkdir(exist_ok=True)
@@ -95,6 +98,34 @@ class Run:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
+
+    def rewind_to(self, step: int) -> None:
+        """On resume at `step`: drop the metrics rows (and TensorBoard events) of later steps, which the
+        resumed run is about to redo, so that no step appears twice."""
+        if not self.info.is_main:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self.metrics_file.close()
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                later = json.loads(line)["step"] > step
+            except (json.JSONDecodeError, KeyError, TypeError):  # a torn last line of a killed run
+                later = True
+            if later:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        ckpt.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        self.metrics_file = open(path, "a")
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            # purge_step: TensorBoard hides the events of steps >= step + 1 left by the earlier run.
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
+        if dropped:
+            self.print(f"metrics.jsonl: dropped {dropped} rows after step {step} (they are redone now)")
 
     def close(self) -> None:
         if self.metrics_file is not None:

@@ -203,9 +203,8 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     # ---- resume
     seed_everything(cfg.seed * 1000 + info.rank)
     pos = Position()
-    resume = ckpt.resolve_resume(cfg.resume, run.run_dir)
+    resume, state = ckpt.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
     if resume is not None:
-        state = ckpt.load_checkpoint(resume)
         tok.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
