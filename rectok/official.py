@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rectok.checkpoint import atomic_write
+
 log = logging.getLogger(__name__)
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
@@ -91,12 +93,11 @@ def save_official(model: nn.Module, path: str | os.PathLike) -> None:
     else:
         raise TypeError(f"save_official expects a RecTok or DiTDH model, got {type(model).__name__}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, str(tmp))
+        data = save(state)
+        atomic_write(path, lambda f: f.write(data))
     else:
-        torch.save({"model": state}, tmp)
-    os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({"model": state}, f))

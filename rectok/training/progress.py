@@ -97,13 +97,14 @@ class Position:
         self.nonfinite_total += 1
         self.nonfinite_streak += 1
         streak = self.nonfinite_streak
+        step = self.step + 1  # called before the step counter moves: the number metrics.jsonl gives it
         run.print(
-            f"step {self.step}: non-finite loss or grad norm, update skipped "
+            f"step {step}: non-finite loss or grad norm, update skipped "
             f"({streak} in a row, {self.nonfinite_total} total)"
         )
         if streak >= cfg.max_nonfinite:
             raise NonFiniteLossError(
-                f"stopping at step {self.step}: {streak} non-finite losses in a row "
+                f"stopping at step {step}: {streak} non-finite losses in a row "
                 f"(max_nonfinite = {cfg.max_nonfinite}); no update was applied for them, and the last "
                 f"checkpoint in {run.run_dir} holds finite weights. "
                 "Lower the learning rate or check the data, then continue with --resume auto."
