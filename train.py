@@ -56,3 +56,6 @@ if __name__ == "__main__":
     except ValueError as err:  # bad configuration or data: a message, not a traceback
         print(f"ERROR: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # the machine: a missing or unreadable file, a read-only or full disk
+        print(f"ERROR: {err}", file=sys.stderr)
+        sys.exit(4)

@@ -258,6 +258,9 @@ class ImageDataset(Dataset):
         self.samples, self.image_size, self.crop, self.hflip = samples, image_size, crop, hflip
         self.seed, self.on_error = seed, on_error
         self.num_skipped = 0  # bad files met in this process (workers keep their own count)
+        # Why each bad file failed, in this process: callers that decode in the main process (the
+        # held-out images) report the reason, which the index alone does not give.
+        self.errors: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -284,6 +287,7 @@ class ImageDataset(Dataset):
                 log.debug("unreadable image %s: %s", self.samples.path(i), err)
                 bad.append(i)
                 self.num_skipped += 1
+                self.errors[i] = f"{type(err).__name__}: {err}"
                 if self.on_error == "drop":
                     return {"bad": bad}
                 continue

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,8 @@ TEACHERS = ("dinov3", "dinov2", "tiny")
 TEACHER_TARGETS = ("release", "clean")  # rectok.teacher.TARGET_MODES
 DISTRIBUTED = ("ddp", "fsdp")
 CKPT_VERIFY = ("full", "size")  # rectok.checkpoint.VERIFY_MODES
+# Each rank seeds numpy with seed * 1000 + rank (< 1000 ranks), and numpy takes seeds below 2**32.
+MAX_SEED = (2**32 - 1000) // 1000
 
 # --help text of the options whose one-line field comment cannot say enough.
 LONG_HELP = {
@@ -170,13 +174,36 @@ class TrainConfig:
     def base_lr(self) -> float:
         return self.optim.lr if self.optim.lr > 0 else self.optim.blr * self.global_batch / 256
 
+    def _get(self, key: str) -> Any:
+        """The value of a dotted key ("optim.lr")."""
+        obj: Any = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
     def nan_steps(self) -> set[int]:
         return {int(s) for s in self.debug_nan_steps.split(",") if s.strip()}
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with an actionable message for any bad value; returns self."""
+        from rectok.dit import DIT_DH_PRESETS
+        from rectok.tokenizer import PRESETS as TOKENIZER_PRESETS
+
         err = _Errors()
+        # First: every float must be finite. inf passes every ">= 0" below and NaN fails them with a
+        # misleading message; either one later poisons the weights (lr) or the step arithmetic (epochs).
+        for key, tp in leaf_fields().items():
+            value = self._get(key)
+            if tp is float and not math.isfinite(value):
+                err.nonfinite(key, value)
         err.choice("stage", self.stage, STAGES)
+        if self.stage in STAGES:
+            err.choice(f"preset (for stage {self.stage})", self.preset, tuple(preset_names(self.stage)))
+        err.check(
+            0 <= self.seed <= MAX_SEED,
+            f"seed must be an integer in [0, {MAX_SEED}] (each rank seeds numpy with seed * 1000 + rank), "
+            f"got {self.seed}",
+        )
         err.choice("precision", self.precision, PRECISIONS)
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
         err.choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -186,10 +213,11 @@ class TrainConfig:
         err.check(
             self.global_batch >= 1 and self.micro_batch >= 1, "global_batch and micro_batch must be >= 1"
         )
-        err.check(
-            self.global_batch % self.micro_batch == 0,
-            f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}",
-        )
+        if self.micro_batch >= 1:  # (the ">= 1" message above covers 0; no ZeroDivisionError here)
+            err.check(
+                self.global_batch % self.micro_batch == 0,
+                f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}",
+            )
         for name in ("log_every", "image_every", "ckpt_every", "keep_last"):
             err.check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         err.check(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
@@ -210,7 +238,8 @@ class TrainConfig:
         for name in ("warmup_epochs", "hold_epochs", "decay_end_epochs", "weight_decay", "grad_clip"):
             err.check(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
         err.check(
-            0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas must lie in [0, 1), got {o.beta1}, {o.beta2}"
+            0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+            f"optim.beta1 and optim.beta2 must lie in [0, 1), got {o.beta1}, {o.beta2}",
         )
         err.check(0 <= o.ema_decay < 1, f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
 
@@ -224,6 +253,7 @@ class TrainConfig:
         err.check(lo.disc_ndf >= 1 and lo.disc_layers >= 1, "loss.disc_ndf and loss.disc_layers must be >= 1")
 
         t = self.tok
+        err.choice("tok.preset", t.preset, tuple(TOKENIZER_PRESETS))
         err.choice("tok.teacher", t.teacher, TEACHERS)
         err.choice("tok.teacher_targets", t.teacher_targets, TEACHER_TARGETS)
         err.choice("tok.noise_schedule", t.noise_schedule, NOISE_SCHEDULES)
@@ -246,6 +276,10 @@ class TrainConfig:
         err.check(0 <= d.label_dropout < 1, f"dit.label_dropout must lie in [0, 1), got {d.label_dropout}")
         err.check(d.time_shift >= 0 and d.num_classes >= 0, "dit.time_shift and dit.num_classes must be >= 0")
         err.check(d.sample_steps >= 2, f"dit.sample_steps must be >= 2, got {d.sample_steps}")
+        err.check(
+            d.stats_batches >= 0, f"dit.stats_batches must be >= 0 (0 = whole set), got {d.stats_batches}"
+        )
+        err.choice("dit.preset", d.preset, tuple(DIT_DH_PRESETS))
         err.choice("dit.parallel", d.parallel, DISTRIBUTED)
         if self.stage == "dit":
             err.check(
@@ -258,9 +292,18 @@ class TrainConfig:
 class _Errors:
     def __init__(self) -> None:
         self.messages: list[str] = []
+        self._nonfinite: list[str] = []
+
+    def nonfinite(self, key: str, value: float) -> None:
+        self.messages.append(f"{key} must be a finite number, got {value}")
+        self._nonfinite.append(key)
 
     def check(self, ok: bool, message: str) -> None:
-        if not ok:
+        # A range check naming a field already reported as inf / NaN is dropped (NaN fails every
+        # comparison), so that each bad field reads as one line, not two.
+        if not ok and not any(
+            re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", message) for k in self._nonfinite
+        ):
             self.messages.append(message)
 
     def choice(self, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -515,7 +558,6 @@ def make_config(stage: str = "tokenizer", preset: str = "tiny", **overrides: Any
 def _field_comments() -> dict[str, str]:
     """Dotted key -> the `# comment` beside its dataclass field (used as --help text)."""
     import inspect
-    import re
 
     out: dict[str, str] = {}
     for prefix, cls in [("", TrainConfig), *((f"{n}.", t) for n, t in _sections().items())]:

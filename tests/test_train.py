@@ -7,7 +7,9 @@ image loader; the tokenizer loss falls on demo images; an interrupted run resume
 its checkpoint reproduces the uninterrupted per-step losses bit for bit (tokenizer with
 GAN and grad accumulation across an epoch boundary, and DiT); torchrun with two gloo
 ranks keeps the ranks' parameters identical; a non-finite loss skips its update, is
-counted, and N in a row stop the run; bad config values fail with a clear message.
+counted, and N in a row stop the run; bad config values (inf / NaN, zero batch, bad seed) fail
+with one list of messages before the run folder is touched; a missing input or an unwritable
+run folder is one line naming the path and the cause.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -249,6 +252,70 @@ def test_bad_config_values_fail_clearly(data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--lr", "inf"], ["optim.lr must be a finite number, got inf"]),
+        (["--optim.lr", "nan"], ["optim.lr must be a finite number, got nan"]),
+        (["--epochs", "inf"], ["epochs must be a finite number, got inf"]),
+        (["--seed", "-1"], ["seed must be an integer in [0, "]),
+        (["--tok.preset", "nope"], ["tok.preset must be one of rectok-B"]),
+        # micro_batch 0 must not stop the validator with a ZeroDivisionError: every error is listed
+        (
+            ["--micro_batch", "0", "--lr", "-1", "--seed", "-2"],
+            ["global_batch and micro_batch must be >= 1", "optim.lr must be >= 0", "seed must be"],
+        ),
+    ],
+)
+def test_bad_numbers_are_listed_before_anything_is_written(data, tmp_path, extra, expected):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError) as info:
+        train.main(_args(data, run_dir, *extra))
+    message = str(info.value)
+    assert all(e in message for e in expected), message
+    assert message.count("\n  - ") == len(expected), message  # NaN is not reported twice
+    assert not run_dir.exists()
+
+
+def test_missing_inputs_and_unwritable_run_dir_are_one_clear_line(data, tmp_path, monkeypatch):
+    from rectok.training.runtime import RunDirError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--data.path \S*nope: no such file or folder"):
+        train.main(_args(tmp_path / "nope", run_dir))
+    with pytest.raises(ValueError, match=r"--resume \S*gone.pt: no such file or folder"):
+        train.main(_args(data, run_dir, "--resume", str(tmp_path / "gone.pt")))
+    assert not run_dir.exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(RunDirError, match=f"--run_dir {a_file}/run: {a_file} is a file, not a folder"):
+        train.main(_args(data, a_file / "run"))
+
+    # A read-only or full disk (simulated: as root, chmod does not stop writes).
+    def refuse(path, write):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(ck, "atomic_write", refuse)
+    with pytest.raises(RunDirError, match=r"--run_dir \S+: Read-only file system: \S+config.json"):
+        train.main(_args(data, run_dir))
+    monkeypatch.undo()
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(RunDirError, match="Permission denied"):
+            train.main(_args(data, locked / "run"))
+
+    # the command line: one ERROR line, exit code 4, no traceback
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--run_dir", str(a_file / "run")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip() == f"ERROR: cannot create or write the run folder --run_dir {a_file}/run: " + (
+        f"{a_file} is a file, not a folder"
+    )
+
+
 def test_config_presets_overrides_and_batch_geometry(tmp_path):
     from rectok.train_config import make_config, parse_args
 
@@ -372,3 +439,19 @@ def test_latent_cache_tag_follows_tokenizer_weights_and_data(tmp_path):
     with torch.no_grad():
         next(twin.parameters()).view(-1)[0] += 1e-3
     assert latent_cache_tag(tok, tmp_path) != latent_cache_tag(twin, tmp_path)
+
+
+def test_unreadable_images_are_counted_in_metrics(data, tmp_path):
+    # One training image truncated (16 stay in the folder, so one epoch of 2 steps at batch 8 meets
+    # every file) and one of the 8 val images replaced by garbage; all 8 val images are requested.
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    train_file = sorted((root / "train").rglob("*.JPEG"))[3]
+    train_file.write_bytes(train_file.read_bytes()[:200])
+    val_file = sorted((root / "val").rglob("*.JPEG"))[0]
+    val_file.write_text("not an image")
+    args = _args(root, tmp_path / "run", "--max_steps", "2", "--data.eval_images", "8")
+    res = train.main([*args, "--data.num_workers", "1"])  # the count must survive a worker process
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["heldout_images"], metrics["heldout_skipped"]) == (7, 1)
+    assert metrics["skipped_images"] == 1 and res["skipped_images"] == 1

@@ -4,6 +4,7 @@ micro-batches of every optimizer step (resumable mid-epoch without moving the gl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +68,56 @@ def encode_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
     )
 
 
-def held_out_images(cfg: TrainConfig, root: Path, image_size: int) -> torch.Tensor:
+@dataclass
+class HeldOut:
+    """The held-out images and the picks that could not be read (dropped, not replaced, so that every
+    run on this dataset keeps evaluating the same images)."""
+
+    images: torch.Tensor  # [N, 3, S, S] in [-1, 1], N = the picks that decoded
+    skipped: list[tuple[str, str]]  # (relative path, reason) of each unreadable pick
+    root: Path
+
+    def warning(self, shown: int = 3) -> str | None:
+        """A one-line warning naming the first `shown` skipped files and why, or None if none was."""
+        if not self.skipped:
+            return None
+        names = "; ".join(f"{rel} ({why})" for rel, why in self.skipped[:shown])
+        more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return (
+            f"warning: {len(self.skipped)} unreadable held-out image(s) under {self.root} skipped, "
+            f"evaluating on {len(self.images)}: {names}{more}"
+        )
+
+
+def held_out_images(cfg: TrainConfig, root: Path, image_size: int) -> HeldOut:
     """`eval_images` images spread evenly over the val split (train split if there is none), center
-    crop, no flip, [-1, 1]: the same images for every run on this dataset."""
+    crop, no flip, [-1, 1]: the same images for every run on this dataset. Unreadable picks are
+    dropped and listed in `skipped`; none readable at all is an error."""
     samples = resolve_samples(root, _split(root, "val") or _split(root, "train"))
     dataset = ImageDataset(samples, image_size=image_size, crop="center", hflip=False, on_error="drop")
     picks = np.linspace(0, len(samples) - 1, min(cfg.data.eval_images, len(samples))).round().astype(int)
-    images = [dataset[int(i)] for i in picks]
-    return torch.stack([im["image"] for im in images if "image" in im])
+    images, skipped = [], []
+    for i in picks:
+        item = dataset[int(i)]
+        if "image" in item:
+            images.append(item["image"])
+        else:
+            skipped.append((samples.relpaths[int(i)], dataset.errors.get(int(i), "unreadable")))
+    if not images:
+        raise ValueError(
+            f"none of the {len(picks)} held-out images under {samples.root} could be read (first: "
+            f"{skipped[0][0]}: {skipped[0][1]}); run `python -m rectok.data verify` on the dataset"
+        )
+    return HeldOut(torch.stack(images), skipped, samples.root)
+
+
+def skipped_training_images(loader) -> int:
+    """Distinct unreadable training files `loader` met (and substituted) since this run started, over
+    all ranks. A union, not a sum: with a fresh permutation every epoch the same bad file can reach
+    several ranks. Collective: every rank must call it. The DALI loader has no `bad_indices` (its bad
+    files are excluded before the run), so it contributes none."""
+    mine = sorted(getattr(loader, "bad_indices", ()))
+    return len(set().union(*map(set, D.all_gather_object(mine))))
 
 
 class _SkipFirst:

@@ -25,7 +25,8 @@ def save_image_rows(rows: list[torch.Tensor], path: Path) -> None:
 
 def write_summary(run: Run, cfg: TrainConfig, result: dict[str, Any]) -> None:
     """metrics.json: loss at the start and end of this run (mean of the first / last 10 steps), held-out
-    PSNR before and after (tokenizer stages), steps, wall time."""
+    PSNR before and after and the held-out images used / skipped (tokenizer stages), unreadable training
+    images skipped, steps, wall time."""
     if not run.info.is_main:
         return
     h = [v for v in result["history"] if math.isfinite(v)]
@@ -44,6 +45,9 @@ def write_summary(run: Run, cfg: TrainConfig, result: dict[str, Any]) -> None:
     if "eval_start" in result:
         summary["heldout_psnr_start"] = result["eval_start"]
         summary["heldout_psnr_end"] = result["eval_end"]
-        summary["heldout_images"] = cfg.data.eval_images
+        summary["heldout_images"] = result["heldout_images"]  # used, not requested: unreadable ones drop
+        summary["heldout_skipped"] = result["heldout_skipped"]
+    if "skipped_images" in result:  # unreadable training images substituted by the loader
+        summary["skipped_images"] = result["skipped_images"]
     ckpt.atomic_write(run.run_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     run.print("summary: " + json.dumps(summary))

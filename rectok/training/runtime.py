@@ -33,6 +33,39 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row (`max_nonfinite`)."""
 
 
+class RunDirError(OSError):
+    """The run folder cannot be created or written (a file in its path, read-only or full disk)."""
+
+
+def missing_inputs(cfg: TrainConfig) -> list[str]:
+    """One line per input path the run reads that does not exist (checked before the run folder is
+    written, so that a typo leaves no half-made run behind)."""
+    paths = {"data.path": cfg.data.path if cfg.data.path != "demo" else ""}
+    if cfg.resume not in ("", "auto", "never"):
+        paths["resume"] = cfg.resume
+    if cfg.stage == "decoder":
+        paths["tok.init_from"] = cfg.tok.init_from
+    if cfg.stage == "dit":
+        paths["dit.tokenizer_ckpt"] = cfg.dit.tokenizer_ckpt
+    return [
+        f"--{key} {path}: no such file or folder"
+        for key, path in paths.items()
+        if path and not Path(path).exists()
+    ]
+
+
+def _run_dir_problem(run_dir: Path, err: OSError) -> str:
+    """`err` from creating / writing run_dir as one line naming the path and the cause."""
+    cause = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+    # "Not a directory" alone does not say which part of the path is the file.
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                cause = f"{parent} is a file, not a folder"
+            break
+    return f"cannot create or write the run folder --run_dir {run_dir}: {cause}"
+
+
 class Run:
     """Device, precision, rank, run folder and logging of one training run, resolved once."""
 
@@ -53,15 +86,25 @@ class Run:
         self.writer = None
         self.metrics_file = None
         self.t0 = time.time()
-        # Before anything is written: drop temp files of interrupted saves, and refuse (or, with
-        # --resume never, archive) a previous run so that step 0 never appends to its metrics.
-        ckpt.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
+        # Before anything is written: refuse missing inputs, drop temp files of interrupted saves, and
+        # refuse (or, with --resume never, archive) a previous run so that step 0 never appends to its
+        # metrics.
+        missing = missing_inputs(cfg)
+        if missing:
+            raise ValueError("missing input:\n  - " + "\n  - ".join(missing))
+        try:
+            ckpt.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
+            if self.info.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "images").mkdir(exist_ok=True)
+                ckpt.atomic_write(
+                    self.run_dir / "config.json", lambda f: f.write(format_config(cfg).encode())
+                )
+                self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        except OSError as err:  # only the file system calls above: a clear line, not a traceback
+            raise RunDirError(_run_dir_problem(self.run_dir, err)) from err
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "images").mkdir(exist_ok=True)
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-            ckpt.atomic_write(self.run_dir / "config.json", lambda f: f.write(format_config(cfg).encode()))
-            self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
             if cfg.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter

@@ -24,7 +24,13 @@ from rectok.losses import DiscriminatorLoss, LossWeights, PerceptualLoss, tokeni
 from rectok.optim import build_adamw, set_lr
 from rectok.tokenizer import DiagonalGaussian, RecTok, make_config
 from rectok.train_config import TrainConfig
-from rectok.training.batches import data_root, held_out_images, step_batches, train_loader
+from rectok.training.batches import (
+    data_root,
+    held_out_images,
+    skipped_training_images,
+    step_batches,
+    train_loader,
+)
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (
@@ -147,7 +153,8 @@ def reconstruct(tok: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """Stage 1 (cfg.stage "tokenizer") or stage 2 ("decoder"); returns the loss history, step counts,
-    held-out PSNR at the start and end, wall time, and the bare model and its EMA."""
+    held-out PSNR at the start and end (and how many held-out images were used / unreadable), the
+    unreadable training images skipped, wall time, and the bare model and its EMA."""
     stage1 = cfg.stage == "tokenizer"
     device, info = run.device, run.info
     seed_everything(cfg.seed)  # same initial weights on every rank
@@ -191,7 +198,10 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     loader = train_loader(cfg, run, root, tok_cfg.img_size)
     accum = cfg.grad_accum(info.world_size)
     sched = Schedule(cfg, len(loader), accum)
-    eval_x = held_out_images(cfg, root, tok_cfg.img_size).to(device)
+    held_out = held_out_images(cfg, root, tok_cfg.img_size)
+    if held_out.skipped:
+        run.print(held_out.warning())
+    eval_x = held_out.images.to(device)
 
     # ---- wrappers (applied from outside; the bare modules are what gets saved)
     trained = tok if stage1 else tok.pixel_decoder
@@ -336,6 +346,11 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < sched.total:
             save()
     meter.close()
+    # Each unreadable file was logged by the loader when it was met; this is the run's total for
+    # metrics.json (collective, so before the rank-0-only work below).
+    skipped = skipped_training_images(loader)
+    if skipped:
+        run.print(f"warning: {skipped} unreadable training image(s) skipped (substituted) in this run")
     last_eval = images(f"{pos.step:07d}")
     save(final=True)
     return {
@@ -344,6 +359,9 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         "step": pos.step,
         "eval_start": first_eval,
         "eval_end": last_eval,
+        "heldout_images": len(eval_x),  # the images actually evaluated, unreadable ones left out
+        "heldout_skipped": len(held_out.skipped),
+        "skipped_images": skipped,
         "nonfinite_total": pos.nonfinite_total,
         "wall_s": meter.wall_s(),
         "model": tok,  # the bare module (for tests and notebooks)
