@@ -109,9 +109,14 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not err.filename:
+            # A full disk surfaces as a bare "[Errno 28] No space left on device" from inside
+            # torch.save: name the file, and say that the previous file of that name is intact.
+            why = f"{err.strerror or err} (nothing was replaced: any previous copy is intact)"
+            raise OSError(err.errno, why, str(path)) from err
         raise
     _fsync_dir(path.parent)
 
@@ -270,14 +275,22 @@ def prepare_run_dir(resume: str | None, run_dir: str | os.PathLike, is_main: boo
     if not is_main:
         return []
     remove_temp_files(run_dir)
-    if not previous or resume != "never":
+    # A run killed before its first save left metrics but no state: there is nothing to resume and
+    # nothing to lose, so --resume auto starts it again (a retry loop must not stall on it), moving
+    # those metrics aside like --resume never.
+    never_saved = previous and not any(
+        p.name.startswith(PREFIX) or p.name in (LATEST, MANIFEST) for p in previous
+    )
+    if not previous or not (resume == "never" or (resume == "auto" and never_saved)):
         return []  # a resume: resolve_resume decides (and refuses when nothing is usable)
-    archive = Path(run_dir) / time.strftime("previous-%Y%m%d-%H%M%S")
+    stamp, n = time.strftime("previous-%Y%m%d-%H%M%S"), 1
+    archive = Path(run_dir) / stamp
+    while archive.exists():  # two restarts within one second
+        archive, n = Path(run_dir) / f"{stamp}-{n}", n + 1
     archive.mkdir()
     moved = [Path(shutil.move(str(p), archive / p.name)) for p in previous]
-    log.warning(
-        "--resume never: starting fresh; moved the previous run's %d file(s) to %s", len(moved), archive
-    )
+    why = "--resume never" if resume == "never" else "--resume auto: no checkpoint was ever written here"
+    log.warning("%s: starting at step 0; moved the previous run's %d file(s) to %s", why, len(moved), archive)
     return moved
 
 
@@ -431,6 +444,12 @@ def _human(n: float) -> str:
 
 
 # ----------------------------------------------------------------------------- inference export
+def sha256_sidecar(path: str | os.PathLike) -> Path:
+    """<file>.sha256 beside an export, in `sha256sum` format, so `sha256sum -c` checks it too."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
 def export_safetensors(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -438,7 +457,9 @@ def export_safetensors(
     **metadata: Any,
 ) -> Path:
     """Write inference weights (e.g. the EMA model) to safetensors, atomically, with `config` as JSON
-    in the metadata under "config" (and every extra keyword JSON-encoded under its name)."""
+    in the metadata under "config" (and every extra keyword JSON-encoded under its name), and its
+    sha256 to <file>.sha256 (written after the file: a crash between the two leaves an export without
+    a sidecar, which reads unverified, never a sidecar that condemns a good file)."""
     from safetensors.torch import save
 
     check_finite(state_dict, "exported")
@@ -446,24 +467,63 @@ def export_safetensors(
     meta = {"config": json.dumps(config, default=str), "format": "pt"}
     meta.update({k: json.dumps(v, default=str) for k, v in metadata.items()})
     data = save(tensors, metadata=meta)
+    path = Path(path)
+    sidecar = sha256_sidecar(path)
+    sidecar.unlink(missing_ok=True)  # never leave the old file's digest beside the new file
     atomic_write(path, lambda f: f.write(data))
-    return Path(path)
+    line = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"
+    atomic_write(sidecar, lambda f: f.write(line.encode()))
+    return path
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, metadata with JSON values decoded) of a file written by export_safetensors."""
+def check_export(path: str | os.PathLike, verify: str = "full") -> str | None:
+    """Why an exported .safetensors must not be loaded (None when it passes): its sha256 differs from
+    its <file>.sha256 sidecar. Files without a sidecar (official, older, or copied alone) pass with a
+    debug note; verify="size" skips the digest (safetensors still checks the header and sizes)."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify mode must be one of {', '.join(VERIFY_MODES)}; got {verify!r}")
+    path, sidecar = Path(path), sha256_sidecar(path)
+    if verify == "size" or not sidecar.is_file():
+        log.debug("%s: not verified against a sha256 sidecar", path)
+        return None
+    listed = sidecar.read_text().split()
+    if not listed:
+        return f"its sidecar {sidecar.name} is empty"
+    t0 = time.perf_counter()
+    digest = sha256(path)
+    if digest != listed[0]:
+        return f"sha256 {digest[:12]}... differs from {sidecar.name}'s {listed[0][:12]}... (damaged bytes)"
+    log.info("%s: sha256 verified (%.3f s)", path, time.perf_counter() - t0)
+    return None
+
+
+def read_safetensors(
+    path: str | os.PathLike, verify: str = "full"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata with JSON values decoded) of a file written by export_safetensors,
+    checked against its sha256 sidecar first (check_export). A damaged or unreadable file is a
+    ValueError naming it and why."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
+    why = check_export(path, verify)
+    if why is not None:
+        raise ValueError(f"{path} is damaged: {why}; re-export it or restore a copy")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError (truncated, bad header) and friends
+        raise ValueError(
+            f"{path} is not a readable .safetensors file (truncated or damaged?): {err}"
+        ) from err
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return load_file(str(path)), meta
+    return state, meta

@@ -119,8 +119,29 @@ def read_latent_stats(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tens
     return stats
 
 
+def _verified(path: Path, what: str, verify: str) -> None:
+    """A training checkpoint its run's manifest lists is checked against it (size + sha256, or size
+    only) before it is read, as a resume is: a damaged tokenizer would silently poison every latent."""
+    try:
+        listed = path.name in ckpt_io.read_manifest(path.parent)
+    except (OSError, ValueError):
+        listed = False
+    if listed:
+        why = ckpt_io.check_checkpoint(path, verify)
+        if why is not None:
+            raise ValueError(f"{what}: {path} is damaged: {why}; pass an older checkpoint of that run")
+
+
+def _finite(state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+    bad = [
+        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise ValueError(f"{what}: {path} holds non-finite weights in {bad[:6]}; it cannot be used")
+
+
 def _read(
-    path: Path, use_ema: bool, keep_ema: bool = False
+    path: Path, what: str, use_ema: bool, keep_ema: bool = False, verify: str = "full"
 ) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
     """(state dict, model config or None for official-layout files, the other entries; with
     `keep_ema` these include the checkpoint's "ema" state).
@@ -131,9 +152,10 @@ def _read(
     "time_shift" / "tokenizer".
     """
     if path.suffix == ".safetensors":
-        state, meta = ckpt_io.read_safetensors(path)
+        state, meta = ckpt_io.read_safetensors(path, verify)
         config = meta.get("config")
         return state, config if isinstance(config, dict) else None, meta
+    _verified(path, what, verify)
     obj = ckpt_io.load_checkpoint(path)
     if isinstance(obj, Mapping) and "model_config" in obj and ("model" in obj or "ema" in obj):
         ema = obj.get("ema")
@@ -183,15 +205,24 @@ def dit_model_config(config: Mapping[str, Any], path: Path) -> DiTDHConfig:
 
 
 def load_tokenizer(
-    path: str | os.PathLike, *, use_ema: bool = True, hint: str = "", keep_ema: bool = False
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    hint: str = "",
+    keep_ema: bool = False,
+    verify: str = "full",
 ) -> Loaded:
     """Our tokenizer checkpoint (.pt / run folder / .safetensors export) or an official-layout file.
 
     keep_ema: also keep a training checkpoint's EMA state (EMA.state_dict layout) in
     `.raw["ema"]`, which the pixel-decoder stage continues; off by default, as it holds a
-    second copy of the weights."""
-    path = resolve_path(path, "tokenizer checkpoint", hint)
-    state, config, extra = _read(path, use_ema, keep_ema)
+    second copy of the weights.
+    verify: "full" checks a checkpoint against its run's manifest (size + sha256) and an export
+    against its .sha256 sidecar; "size" checks sizes only. Non-finite weights are refused."""
+    what = "tokenizer checkpoint"
+    path = resolve_path(path, what, hint)
+    state, config, extra = _read(path, what, use_ema, keep_ema, verify)
+    _finite(state, what, path)
     if config is None:
         from rectok.official import load_tokenizer as load_official
 
@@ -204,10 +235,15 @@ def load_tokenizer(
     return Loaded(model.eval(), path, "ours", dict(config), _stats_from(extra), extra)
 
 
-def load_dit(path: str | os.PathLike, *, use_ema: bool = True, hint: str = "") -> Loaded:
-    """Our DiT^DH checkpoint (.pt / run folder / .safetensors export) or an official-layout file."""
-    path = resolve_path(path, "DiT^DH checkpoint", hint)
-    state, config, extra = _read(path, use_ema)
+def load_dit(
+    path: str | os.PathLike, *, use_ema: bool = True, hint: str = "", verify: str = "full"
+) -> Loaded:
+    """Our DiT^DH checkpoint (.pt / run folder / .safetensors export) or an official-layout file,
+    verified as load_tokenizer does."""
+    what = "DiT^DH checkpoint"
+    path = resolve_path(path, what, hint)
+    state, config, extra = _read(path, what, use_ema, verify=verify)
+    _finite(state, what, path)
     if config is None:
         from rectok.official import load_dit as load_official
 

@@ -6,10 +6,13 @@ on before triton is first imported, so this happens here, before any test module
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import socket
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -25,6 +28,26 @@ HAS_CUDA = torch.cuda.is_available()
 def official_fixtures_dir() -> Path:
     """Folder of the official reference outputs (see ../shared/fixtures/official/README.md)."""
     return Path(os.environ.get("RECTOK_OFFICIAL_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """A top-level script (train.py, sample.py) imported as a module, once per test session, so that
+    tests call its main() in process."""
+    spec = importlib.util.spec_from_file_location(f"rectok_script_{Path(name).stem}", ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def train_script():
+    """train.py as a module, run with one intra-op thread (tiny models on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_script("train.py")
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

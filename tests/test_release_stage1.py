@@ -321,24 +321,44 @@ def sample_ids(name: str, numel: int) -> tuple[torch.Tensor, torch.Generator]:
     return torch.randint(0, numel, (min(256, numel),), generator=g), g
 
 
-def summary_errors(fx, prefix: str, state: dict[str, torch.Tensor]) -> float:
-    """Worst relative difference between our tensors and the release's seeded summaries (see
-    make_stage1.summarize), normalised per tensor by the release's largest sampled magnitude."""
+def summary_errors(
+    fx, prefix: str, state: dict[str, torch.Tensor], floor: dict[str, float] | None = None
+) -> float:
+    """Worst difference between our tensors and the release's seeded summaries (see
+    make_stage1.summarize), normalised per tensor by the release's largest sampled magnitude and
+    divided by that tensor's tolerance: 1e-4 plus 4x its float32 rounding floor (`floor`, see
+    rounding_floor). <= 1 passes."""
     worst = 0.0
     for name, t in state.items():
+        tol = 1e-4 + 4 * (floor or {}).get(name, 0.0)
         flat = t.detach().double().flatten()
         idx, g = sample_ids(name, flat.numel())
         proj = torch.randn(flat.numel(), generator=g, dtype=torch.float64)
         ref_sample = fx[f"{prefix}.{name}.sample"]
         scale = max(float(ref_sample.abs().max()), 1e-12)
-        worst = max(worst, float((flat[idx] - ref_sample).abs().max()) / scale)
+        worst = max(worst, float((flat[idx] - ref_sample).abs().max()) / scale / tol)
         ref_proj = float(fx[f"{prefix}.{name}.proj"])
         proj_scale = max(abs(ref_proj), scale * flat.numel() ** 0.5)
-        worst = max(worst, abs(float(flat @ proj) - ref_proj) / proj_scale)
+        worst = max(worst, abs(float(flat @ proj) - ref_proj) / proj_scale / tol)
     return worst
 
 
-def update_errors(fx, tag: str, run: Stage1, lr: float) -> dict[str, float]:
+def rounding_floor(
+    states: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Per tensor, how far our own result moves (relative to its largest value) when every starting
+    weight is perturbed by 1e-7 relative, about float32 rounding: what any float32 implementation
+    on another CPU (other kernels, other summation orders) can promise. The pixel decoder's
+    gradient is ill-conditioned at this level: measured, 1e-7 moves its first moment by up to 1.2e-3
+    of its largest value, so a fixed 1e-4 bound held only on the machine the fixture was made on."""
+    out = {}
+    for name, ref in reference.items():
+        scale = max(float(ref.abs().max()), 1e-12)
+        out[name] = max(float((s[name].double() - ref.double()).abs().max()) / scale for s in states)
+    return out
+
+
+def update_errors(fx, tag: str, run: Stage1, lr: float, grad_floor: dict[str, float]) -> dict[str, float]:
     """Worst |ours - release| / tolerance over the sampled elements of the parameter update and of
     the EMA update (<= 1 passes).
 
@@ -346,8 +366,8 @@ def update_errors(fx, tag: str, run: Stage1, lr: float) -> dict[str, float]:
     hides a wrong gradient scale (that is what the first moment and the grad norm check), and which
     turns a float32-level difference of a gradient near eps into a visible one. So each element's
     tolerance is 1e-4 of the tensor's largest update, plus what a gradient difference of 1e-6 of
-    the tensor's largest gradient (twice the first-moment agreement measured) moves through
-    lr * g / (|g| + eps), plus 2 float32 ulps of the weight. The EMA moves (1 - decay) of that,
+    the tensor's largest gradient plus 4x its rounding floor (`grad_floor`, see rounding_floor)
+    moves through lr * g / (|g| + eps), plus 2 float32 ulps of the weight. The EMA moves (1 - decay) of that,
     and the release's mul_ + add_ rounds differently from our lerp: 4 ulps of the weight.
     """
     eps, decay = 1e-8, 0.999
@@ -357,7 +377,7 @@ def update_errors(fx, tag: str, run: Stage1, lr: float) -> dict[str, float]:
         before = run.before[key].double().flatten()
         idx, _ = sample_ids(name, before.numel())
         grad = run.opt.state[p]["exp_avg"].double().flatten() / (1 - 0.9)  # the clipped gradient
-        delta_g = 1e-6 * float(grad.abs().max())
+        delta_g = (1e-6 + 4 * grad_floor.get(name, 0.0)) * float(grad.abs().max())
         g = grad[idx].abs()
         sensitivity = lr * eps * delta_g / ((g - delta_g).clamp_min(0) + eps) ** 2
         ulp = before[idx].abs() * torch.finfo(torch.float32).eps
@@ -384,19 +404,31 @@ def test_one_stage1_step(fx, teacher, perceptual, gan_on):
         assert relative_error(torch.tensor(out["d_loss"]), fx[f"{tag}.discriminator_loss"][0]) < LOSS_TOL
         assert relative_error(torch.tensor(out["d_grad_norm"]), fx[f"{tag}.d_grad_norm"][0]) < LOSS_TOL
 
-    teacher_name = run.tok.cfg.teacher
-    named = dict(run.tok.named_parameters())
-    after = {official_name(k, teacher_name): v for k, v in run.tok.state_dict().items()}
-    exp_avg = {official_name(k, teacher_name): run.opt.state[p]["exp_avg"] for k, p in named.items()}
+    def results(r: Stage1) -> tuple[dict, dict]:
+        name = run.tok.cfg.teacher
+        named = dict(r.tok.named_parameters())
+        after = {official_name(k, name): v.detach().clone() for k, v in r.tok.state_dict().items()}
+        exp_avg = {official_name(k, name): r.opt.state[p]["exp_avg"].clone() for k, p in named.items()}
+        return after, exp_avg
+
+    after, exp_avg = results(run)
+    perturbed = Stage1(teacher, perceptual)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in perturbed.tok.parameters():
+            p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=g))
+    perturbed.step(fx["images_u8"][:2], draws, rope, lr=1e-3, gan_on=gan_on)
+    after_p, exp_avg_p = results(perturbed)
+    grad_floor = rounding_floor([exp_avg_p], exp_avg)
     errors = {
-        "params": summary_errors(fx, f"{tag}.params", after),
-        "exp_avg": summary_errors(fx, f"{tag}.exp_avg", exp_avg),  # the gradient after clipping
+        "params": summary_errors(fx, f"{tag}.params", after, rounding_floor([after_p], after)),
+        "exp_avg": summary_errors(fx, f"{tag}.exp_avg", exp_avg, grad_floor),  # the clipped gradient
     }
     if gan_on:
         errors["disc"] = summary_errors(fx, f"{tag}.disc_params", run.disc.discriminator.state_dict())
-    assert max(errors.values()) < 1e-4, errors
+    assert max(errors.values()) <= 1.0, errors
     # The update and the EMA update, element by element within the tolerance of update_errors.
-    ratios = update_errors(fx, tag, run, lr=1e-3)
+    ratios = update_errors(fx, tag, run, lr=1e-3, grad_floor=grad_floor)
     assert max(ratios.values()) <= 1.0, ratios
 
 
@@ -417,6 +449,8 @@ def test_golden_curve_20_steps(fx, teacher, perceptual):
         assert abs(out["grad_norm"] - ref_norm) <= 1e-4 * ref_norm, (i, out["grad_norm"], ref_norm)
         ref_loss = float(fx["curve.total_loss"][i])
         worst = max(worst, abs(out["loss"] - ref_loss) / ref_loss)
-    # The run really trains (the loss falls) and agrees far inside the bound.
+    # The run really trains (the loss falls). (The worst relative loss difference was below 1e-5 on the
+    # machine the fixture was made on and 1.5e-5 on an AVX-512 EPYC: float32 rounding compounds
+    # over 20 steps of an ill-conditioned gradient, see rounding_floor.)
     assert float(fx["curve.total_loss"][-5:].mean()) < float(fx["curve.total_loss"][:5].mean())
-    assert worst < 1e-5, worst
+    assert worst < 1e-4, worst

@@ -10,6 +10,7 @@ Proves, on small fake run folders (a few Linear layers saved with save_checkpoin
 - `latest` naming a missing file is reported together with the checkpoint chosen instead;
 - a run folder with a previous run (checkpoints, manifest, metrics) but nothing usable is
   never silently restarted at step 0: "" and "auto" refuse, "never" archives the old files;
+  "auto" over a run killed before its first save (metrics only) archives them and starts again;
 - temp files of interrupted atomic saves are removed at start and reported (count, bytes),
   other dot-files are left alone;
 and end to end with the tiny tokenizer training: damaging the newest checkpoint makes
@@ -19,7 +20,6 @@ resuming from an older checkpoint cuts metrics.jsonl (and TensorBoard) back to t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -154,6 +154,15 @@ def test_used_run_folder_is_never_silently_restarted(tmp_path, caplog):
         ck.resolve_resume("auto", other)
     (other / "metrics.jsonl").write_text("")  # an empty log (a run that stopped at once) is no run
     assert ck.prepare_run_dir("", other) == []
+    # --resume auto over a run killed before its first save (metrics, no checkpoint, manifest or
+    # `latest` ever written): nothing to resume, nothing to lose; it starts again, the metrics moved
+    # aside, so that a retry loop does not stall on it.
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+        moved = ck.prepare_run_dir("auto", other)
+    assert [p.name for p in moved] == ["metrics.jsonl"] and "no checkpoint was ever written" in caplog.text
+    assert ck.resolve_resume("auto", other) == (None, None)
+    caplog.clear()
     # --resume never: the old files move aside, the folder is then fresh
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
         moved = ck.prepare_run_dir("never", tmp_path)
@@ -185,15 +194,9 @@ def test_temp_files_of_interrupted_saves_are_removed_and_reported(tmp_path, capl
 
 
 # ------------------------------------------------------------------ end to end (tiny tokenizer, CPU)
-@pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("rectok_train_script_faults", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield module
-    torch.set_num_threads(before)
+@pytest.fixture
+def train(train_script):
+    return train_script
 
 
 @pytest.fixture(scope="module")

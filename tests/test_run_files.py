@@ -7,7 +7,6 @@ message names the step number that metrics.jsonl records for that step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from rectok import checkpoint as ck
@@ -49,27 +47,20 @@ def test_written_files_follow_the_umask(tmp_path, umask_022):
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))  # no debris
 
 
-def test_nonfinite_message_names_the_metrics_step(tmp_path, capsys):
+def test_nonfinite_message_names_the_metrics_step(tmp_path, capsys, train_script):
     from rectok.demo_data import ensure_demo_dataset
 
-    spec = importlib.util.spec_from_file_location("rectok_train_script_files", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script
     data = ensure_demo_dataset(
         tmp_path / "demo", train_per_class=1, val_per_class=1, min_size=64, max_size=80
     )
     run = tmp_path / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main([
-            "--data.path", str(data), "--run_dir", str(run), "--global_batch", "4", "--micro_batch", "4",
-            "--log_every", "1", "--image_every", "0", "--ckpt_every", "0", "--tensorboard", "false",
-            "--data.eval_images", "2", "--data.num_workers", "0", "--export", "false",
-            "--max_steps", "3", "--debug_nan_steps", "1",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
+    train.main([
+        "--data.path", str(data), "--run_dir", str(run), "--global_batch", "4", "--micro_batch", "4",
+        "--log_every", "1", "--image_every", "0", "--ckpt_every", "0", "--tensorboard", "false",
+        "--data.eval_images", "2", "--data.num_workers", "0", "--export", "false",
+        "--max_steps", "3", "--debug_nan_steps", "1",
+    ])  # fmt: skip
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     nan_steps = [r["step"] for r in rows if not math.isfinite(r["loss"])]
     assert len(nan_steps) == 1

@@ -19,15 +19,14 @@ Proves, with tiny random models on CPU:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from rectok import checkpoint as ck
@@ -40,15 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 C, GRID, CLASSES = 16, 4, 3
 
 
-def _sample_module():
-    spec = importlib.util.spec_from_file_location("rectok_sample_cli", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = _sample_module()
+sample = load_script("sample.py")
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -14,7 +14,6 @@ run folder is one line naming the path and the cause.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from rectok import checkpoint as ck
 from rectok.train_config import from_dict
@@ -34,14 +34,7 @@ from rectok.train_config import from_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_train():
-    spec = importlib.util.spec_from_file_location("rectok_train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train()
+train = load_script("train.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

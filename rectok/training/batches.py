@@ -111,13 +111,26 @@ def held_out_images(cfg: TrainConfig, root: Path, image_size: int) -> HeldOut:
     return HeldOut(torch.stack(images), skipped, samples.root)
 
 
-def skipped_training_images(loader) -> int:
-    """Distinct unreadable training files `loader` met (and substituted) since this run started, over
-    all ranks. A union, not a sum: with a fresh permutation every epoch the same bad file can reach
-    several ranks. Collective: every rank must call it. The DALI loader has no `bad_indices` (its bad
-    files are excluded before the run), so it contributes none."""
+def bad_image_indices(loader) -> list[int]:
+    """Distinct unreadable training files `loader` met (and substituted) in this run, resumed parts
+    included (restore_bad_images), over all ranks. A union, not a sum: with a fresh permutation every
+    epoch the same bad file can reach several ranks. Collective: every rank must call it. The DALI
+    loader and the latent cache have no `bad_indices` (their bad files are dealt with before the run),
+    so they contribute none."""
     mine = sorted(getattr(loader, "bad_indices", ()))
-    return len(set().union(*map(set, D.all_gather_object(mine))))
+    return sorted(set().union(*map(set, D.all_gather_object(mine))))
+
+
+def restore_bad_images(loader, state: dict) -> None:
+    """On resume: the unreadable files the run met before it was interrupted (checkpoint entry
+    "bad_images"), so that metrics.json counts the whole run, not the part since the restart."""
+    if hasattr(loader, "bad_indices"):
+        loader.bad_indices.update(int(i) for i in state.get("bad_images", ()))
+
+
+def skipped_training_images(loader) -> int:
+    """How many distinct unreadable training files the run met (collective; see bad_image_indices)."""
+    return len(bad_image_indices(loader))
 
 
 class _SkipFirst:

@@ -8,6 +8,7 @@ import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +22,21 @@ from rectok.optim import build_adamw, set_lr
 from rectok.sampling import euler_sample
 from rectok.tokenizer import DiagonalGaussian
 from rectok.train_config import TrainConfig
-from rectok.training.batches import data_root, step_batches, train_loader
-from rectok.training.latents import CachedMoments, build_latent_cache, latent_cache_tag, latent_statistics
+from rectok.training.batches import (
+    bad_image_indices,
+    data_root,
+    restore_bad_images,
+    skipped_training_images,
+    step_batches,
+    train_loader,
+)
+from rectok.training.latents import (
+    CachedMoments,
+    build_latent_cache,
+    latent_cache_tag,
+    latent_statistics,
+    tokenizer_fingerprint,
+)
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (
@@ -103,6 +117,19 @@ def _full_ema_state(ema: EMA) -> dict:
     }
 
 
+def check_same_tokenizer(state: dict, fingerprint: str, resume: Path, tokenizer_ckpt: str) -> None:
+    """A DiT^DH resumed on another tokenizer's latents would train on a different space without a
+    word: refuse it (checkpoints from before the fingerprint was recorded are let through)."""
+    saved = state.get("tokenizer_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ValueError(
+            f"--resume {resume}: that DiT^DH was trained on the latents of tokenizer "
+            f"{state.get('tokenizer')} "
+            f"(weights fingerprint {saved}), but --dit.tokenizer_ckpt {tokenizer_ckpt} has fingerprint "
+            f"{fingerprint}: pass the same tokenizer, or start a new run folder"
+        )
+
+
 def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """DiT^DH on the frozen tokenizer's (EMA) latents; returns the loss history, step counts, wall
     time, and the bare model (sharded under FSDP) and its EMA."""
@@ -110,8 +137,11 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     seed_everything(cfg.seed)
 
     # ---- frozen tokenizer (EMA weights), data, latent statistics
-    tok = model_io.load_tokenizer(cfg.dit.tokenizer_ckpt, use_ema=True, hint=TOKENIZER_HINT).model.to(device)
+    tok = model_io.load_tokenizer(
+        cfg.dit.tokenizer_ckpt, use_ema=True, hint=TOKENIZER_HINT, verify=cfg.ckpt_verify
+    ).model.to(device)
     tok.eval().requires_grad_(False)
+    tok_print = D.broadcast_object(tokenizer_fingerprint(tok) if info.is_main else None)
     tcfg = tok.cfg
     C, grid = tcfg.token_channels, tcfg.grid_size
     shift = cfg.dit.time_shift or flow.timestep_shift(grid, grid, C)
@@ -124,6 +154,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
 
     resume, state = ckpt.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
     if state is not None:
+        check_same_tokenizer(state, tok_print, resume, cfg.dit.tokenizer_ckpt)
         mu, std = state["latent_stats"]["mean"], state["latent_stats"]["std"]
     else:
         mu, std = latent_statistics(tok, cfg, run, root)
@@ -141,7 +172,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
 
     loader = image_loader
     if cfg.dit.cache_latents:
-        tag = D.broadcast_object(latent_cache_tag(tok, root) if info.is_main else None)
+        tag = latent_cache_tag(tok, root, tok_print)
         cache = build_latent_cache(tok, cfg, run, root, tag)
         labels = image_loader.samples.labels
         loader = CachedMoments(
@@ -186,10 +217,11 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
         pos = Position.resume(state, resume, sched, run, cfg)
+        restore_bad_images(loader, state)
 
     def save(final: bool = False) -> None:
         # Gathering the state is collective under FSDP: every rank takes part, rank 0 writes.
-        rngs = rng_states()
+        rngs, bad_images = rng_states(), bad_image_indices(loader)
         model_sd = D.full_state_dict(dit)
         ema_sd = _full_ema_state(ema)
         opt_sd = _full_optimizer_state(dit, opt) if fsdp else opt.state_dict()
@@ -201,10 +233,12 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "scaler": scaler.state_dict(),
                 **pos.checkpoint_entries(sched, run, cfg),
                 "rng": rngs,
+                "bad_images": bad_images,
                 "config": cfg.to_dict(),
                 "model_config": asdict(dcfg),
                 "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
                 "tokenizer": str(cfg.dit.tokenizer_ckpt),
+                "tokenizer_fingerprint": tok_print,
                 "time_shift": shift,
             }
             path = ckpt.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
@@ -219,6 +253,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                     latent_std=std.tolist(),
                     time_shift=shift,
                     tokenizer=str(cfg.dit.tokenizer_ckpt),
+                    tokenizer_fingerprint=tok_print,
                     train_config=cfg.to_dict(),
                 )
             run.print(f"saved {path}")
@@ -293,6 +328,9 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < sched.total:
             save()
     meter.close()
+    skipped = skipped_training_images(loader)  # collective, before the rank-0-only work below
+    if skipped:
+        run.print(f"warning: {skipped} unreadable training image(s) skipped (substituted) in this run")
     images(f"{pos.step:07d}")
     save(final=True)
     return {
@@ -300,6 +338,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         "start_step": meter.start_step,
         "step": pos.step,
         "nonfinite_total": pos.nonfinite_total,
+        "skipped_images": skipped,
         "wall_s": meter.wall_s(),
         "model": dit,  # the bare module (sharded under FSDP)
         "ema": ema,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +15,13 @@ import torch
 from torch import nn
 
 from rectok import distributed as D
+from rectok.checkpoint import atomic_write, remove_temp_files
 from rectok.data import ShardedSampler
 from rectok.train_config import TrainConfig
 from rectok.training.batches import encode_loader
 from rectok.training.runtime import Run
+
+log = logging.getLogger(__name__)
 
 
 class ChannelStats:
@@ -106,32 +111,99 @@ class CachedMoments:
             yield {"moments": moments, "label": self.labels[chunk]}
 
 
-def latent_cache_tag(tok: nn.Module, root: Path) -> str:
-    """Names a cache by what its contents depend on: the tokenizer's weights (bytes, in key order),
-    its input size and the image folder, so identical runs share a cache and a new tokenizer never
-    reads a stale one (USERS.md item 12)."""
-    digest = hashlib.sha256(f"{Path(root).resolve()}|{tok.cfg.img_size}".encode())
+def tokenizer_fingerprint(tok: nn.Module) -> str:
+    """sha256 (16 hex digits) of the tokenizer's weights (bytes, in key order): what its latents
+    depend on, whatever file they came from. A DiT^DH checkpoint records it so that a resume with
+    another tokenizer is refused, and it names the latent cache."""
+    digest = hashlib.sha256()
     for name, tensor in sorted(tok.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
+def latent_cache_tag(tok: nn.Module, root: Path, fingerprint: str | None = None) -> str:
+    """Names a cache by what its contents depend on: the tokenizer's weights (its fingerprint), its
+    input size and the image folder, so identical runs share a cache and a new tokenizer never reads
+    a stale one (USERS.md item 12)."""
+    fingerprint = fingerprint or tokenizer_fingerprint(tok)
+    key = f"{Path(root).resolve()}|{tok.cfg.img_size}|{fingerprint}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+CACHE_FORMAT = 1  # bump when the layout of moments_<tag>.npy changes
+
+
+def cache_paths(cache_dir: Path, tag: str) -> tuple[Path, Path, Path]:
+    """(the finished cache, the file an unfinished build writes into, its completion record)."""
+    return (
+        cache_dir / f"moments_{tag}.npy",
+        cache_dir / f"moments_{tag}.npy.partial",
+        cache_dir / f"moments_{tag}.done",
+    )
+
+
+def cache_problem(path: Path, marker: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache at `path` must not be read (None when it is complete): no completion record, a
+    record that does not parse or describes another layout, a missing file, or a file whose size or
+    .npy header differs from what the record and this run expect (truncated, overwritten)."""
+    if not marker.is_file():
+        return None if not path.exists() else "it has no completion record (an interrupted build?)"
+    try:
+        record = json.loads(marker.read_text())
+        expected_bytes = int(record["bytes"])
+        recorded_shape = tuple(record["shape"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its completion record {marker.name} is unreadable ({type(err).__name__}: {err})"
+    if record.get("format") != CACHE_FORMAT or recorded_shape != shape:
+        return (
+            f"it was built for shape {recorded_shape} (format {record.get('format')}), this run needs {shape}"
+        )
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if path.stat().st_size != expected_bytes:
+        return f"{path.name} is {path.stat().st_size} bytes, its record says {expected_bytes} (truncated?)"
+    try:
+        on_disk = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        return f"{path.name} does not open as .npy ({err})"
+    if on_disk.shape != shape or on_disk.dtype != np.float16:
+        return f"{path.name} holds {on_disk.dtype}{on_disk.shape}, expected float16{shape}"
+    return None
+
+
 @torch.no_grad()
 def build_latent_cache(tok: nn.Module, cfg: TrainConfig, run: Run, root: Path, tag: str) -> Path:
-    """Encode every training image once (plain and flipped) into cache_dir/moments_<tag>.npy; ranks write
-    disjoint rows of one memory-mapped file. Reused when complete (marker file)."""
+    """Encode every training image once (plain and flipped) into cache_dir/moments_<tag>.npy and return
+    that path; a complete cache (its record and file agree, see cache_problem) is reused as is.
+
+    Crash safety: the build writes moments_<tag>.npy.partial (ranks fill disjoint rows of one
+    memory-mapped file), which is renamed to .npy only once every row is written, and then the
+    completion record moments_<tag>.done is written atomically; a reader never sees a half-written
+    cache. An interrupted build (a .partial left, or a .npy without a valid record) is rebuilt from
+    the start with a warning. Rows of unreadable images are filled with the next readable image's
+    moments, the substitute the image loader would use, and counted in the record."""
     cache_dir = Path(cfg.dit.cache_dir or run.run_dir / "latent_cache")
-    path, marker = cache_dir / f"moments_{tag}.npy", cache_dir / f"moments_{tag}.done"
-    if marker.is_file():
-        return path
+    path, partial, marker = cache_paths(cache_dir, tag)
     loader = encode_loader(cfg, run, root, tok.cfg.img_size)
     n, L, C2 = len(loader.samples), tok.cfg.seq_len, 2 * tok.cfg.token_channels
+    shape = (n, 2, L, C2)
+    problem = cache_problem(path, marker, shape) if run.info.is_main else None
+    reuse = D.broadcast_object(marker.is_file() and problem is None if run.info.is_main else None)
+    if reuse:
+        run.print(f"latent cache: reusing {path} ({n} images)")
+        return path
     if run.info.is_main:
+        if problem is not None or partial.exists():
+            why = problem or f"{partial.name} was left by an interrupted build"
+            log.warning("latent cache %s cannot be used: %s; rebuilding it", path, why)
+        for stale in (marker, path):
+            stale.unlink(missing_ok=True)
+        remove_temp_files(cache_dir)  # of an interrupted record write
         cache_dir.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, 2, L, C2)).flush()
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
     D.barrier()
-    out = np.load(path, mmap_mode="r+")
+    out = np.load(partial, mmap_mode="r+")
     for batch in loader:
         x = batch["image"].to(run.device)
         with run.autocast():
@@ -139,8 +211,34 @@ def build_latent_cache(tok: nn.Module, cfg: TrainConfig, run: Run, root: Path, t
         out[batch["index"].numpy()] = both.float().cpu().numpy().astype(np.float16)
     out.flush()
     del out
+    bad = sorted(set().union(*map(set, D.all_gather_object(sorted(getattr(loader, "bad_indices", ()))))))
     D.barrier()
     if run.info.is_main:
-        marker.write_text(json.dumps({"images": n, "tokens": L, "channels": C2}))
+        if bad:
+            _fill_unreadable_rows(partial, bad, n)
+            log.warning(
+                "latent cache: %d unreadable image(s) got the next readable image's moments", len(bad)
+            )
+        size = partial.stat().st_size
+        os.replace(partial, path)
+        record = {"format": CACHE_FORMAT, "shape": list(shape), "bytes": size, "unreadable": len(bad)}
+        atomic_write(marker, lambda f: f.write(json.dumps(record).encode()))
+        run.print(f"latent cache: wrote {path} ({n} images, {size / 2**20:.1f} MiB)")
     D.barrier()
     return path
+
+
+def _fill_unreadable_rows(path: Path, bad: list[int], n: int) -> None:
+    """Give each unreadable image's row the moments of the next readable index (cyclically), as the
+    image loader substitutes the next readable file."""
+    bad_set = set(bad)
+    if len(bad_set) >= n:
+        raise ValueError(f"none of the {n} training images could be read: nothing to cache")
+    rows = np.load(path, mmap_mode="r+")
+    for i in bad:
+        j = (i + 1) % n
+        while j in bad_set:
+            j = (j + 1) % n
+        rows[i] = rows[j]
+    rows.flush()
+    del rows

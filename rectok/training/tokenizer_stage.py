@@ -25,8 +25,10 @@ from rectok.optim import build_adamw, set_lr
 from rectok.tokenizer import DiagonalGaussian, RecTok, make_config
 from rectok.train_config import TrainConfig
 from rectok.training.batches import (
+    bad_image_indices,
     data_root,
     held_out_images,
+    restore_bad_images,
     skipped_training_images,
     step_batches,
     train_loader,
@@ -46,12 +48,12 @@ STAGE1_HINT = "Train a tokenizer first (stage 1): `python train.py` writes runs/
 
 
 def load_tokenizer(
-    path: str | os.PathLike, device: torch.device, use_ema: bool = True
+    path: str | os.PathLike, device: torch.device, use_ema: bool = True, verify: str = "full"
 ) -> tuple[RecTok, dict | None]:
     """A tokenizer (semantic decoder dropped) from one of this project's checkpoints (.pt, a run folder,
     or an exported .safetensors) or an official-layout file, on `device`; also returns its checkpoint's
     EMA state (None for weight files), which the decoder stage continues."""
-    loaded = model_io.load_tokenizer(path, use_ema=use_ema, hint=STAGE1_HINT, keep_ema=True)
+    loaded = model_io.load_tokenizer(path, use_ema=use_ema, hint=STAGE1_HINT, keep_ema=True, verify=verify)
     return loaded.model.to(device), loaded.raw.get("ema")
 
 
@@ -91,7 +93,7 @@ def build_tokenizer(cfg: TrainConfig, device: torch.device) -> tuple[RecTok, nn.
     if cfg.tok.token_channels:
         overrides["token_channels"] = cfg.tok.token_channels
     if cfg.stage != "tokenizer":
-        tok, init_ema = load_tokenizer(cfg.tok.init_from, device, use_ema=False)
+        tok, init_ema = load_tokenizer(cfg.tok.init_from, device, use_ema=False, verify=cfg.ckpt_verify)
         tok.requires_grad_(False)
         tok.pixel_decoder.requires_grad_(True)
         return tok, None, _drop_semantic(init_ema) if init_ema else None
@@ -224,11 +226,12 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             opt_d.load_state_dict(state["disc_optimizer"])
             scaler_d.load_state_dict(state["disc_scaler"])
         pos = Position.resume(state, resume, sched, run, cfg)
+        restore_bad_images(loader, state)
 
     ema_tok = copy.deepcopy(tok).eval().requires_grad_(False)
 
     def save(final: bool = False) -> None:
-        rngs = rng_states()
+        rngs, bad_images = rng_states(), bad_image_indices(loader)  # both collective
         if info.is_main:
             state = {
                 "model": D.unwrap(tok).state_dict(),
@@ -240,6 +243,7 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "disc_scaler": scaler_d.state_dict(),
                 **pos.checkpoint_entries(sched, run, cfg),
                 "rng": rngs,
+                "bad_images": bad_images,
                 "config": cfg.to_dict(),
                 "model_config": tok_cfg.to_dict(),
             }
@@ -299,7 +303,12 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 critic = disc.discriminator if gan_on else None
                 if stage1:
                     terms, x_hat = stage1_losses(
-                        fwd, teacher, x, weights, perceptual=perceptual, discriminator=critic,
+                        fwd,
+                        teacher,
+                        x,
+                        weights,
+                        perceptual=perceptual,
+                        discriminator=critic,
                         autocast=run.autocast,
                     )
                 else:
