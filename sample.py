@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rectok import generate as gen
+from rectok.checkpoints import loading, store
+from rectok.sampling import generate as gen
 
 DEFAULT_DIT = "runs/demo-dit"  # what `python train.py --stage dit` (tiny preset) writes
 DEFAULT_TOKENIZER = "runs/demo"  # what `python train.py` (the demo) writes
@@ -134,24 +135,26 @@ def missing_dit_hint(explicit: bool) -> str:
 
 def load_models(args: argparse.Namespace):
     use_ema = not args.no_ema
-    dit = gen.load_dit(args.dit or DEFAULT_DIT, use_ema=use_ema, hint=missing_dit_hint(args.dit is not None))
+    hint = missing_dit_hint(args.dit is not None)
+    dit = loading.load_dit(args.dit or DEFAULT_DIT, use_ema=use_ema, hint=hint)
     tok_path = args.tokenizer
     if tok_path is None:
         if dit.layout == "official":
             raise ValueError(f"{dit.path} is an official DiT^DH checkpoint: pass its tokenizer (--tokenizer)")
         tok_path = dit.tokenizer_path or DEFAULT_TOKENIZER
-    tok = gen.load_tokenizer(
+    tok = loading.load_tokenizer(
         tok_path, use_ema=use_ema, hint="Train one with `python train.py` (demo) or pass --tokenizer."
     )
     weak = None
     if args.weak:
-        weak = gen.load_dit(args.weak, use_ema=use_ema, hint="Pass the AutoGuidance weak model (a DiT^DH-S).")
+        weak_hint = "Pass the AutoGuidance weak model (a DiT^DH-S)."
+        weak = loading.load_dit(args.weak, use_ema=use_ema, hint=weak_hint)
         if weak.latent_stats is not None and dit.latent_stats is not None:
             same = all(torch.allclose(a, b) for a, b in zip(weak.latent_stats, dit.latent_stats))
             if not same:  # guidance mixes the two velocities: both must live in one latent space
                 raise ValueError(f"{weak.path} was trained with other latent statistics than {dit.path}")
     if args.latent_stats:
-        stats, stats_from = gen.read_latent_stats(args.latent_stats), str(args.latent_stats)
+        stats, stats_from = loading.read_latent_stats(args.latent_stats), str(args.latent_stats)
     elif dit.latent_stats is not None:
         stats, stats_from = dit.latent_stats, str(dit.path)
     elif tok.latent_stats is not None:
@@ -165,10 +168,10 @@ def load_models(args: argparse.Namespace):
     return dit, tok, weak, stats, stats_from
 
 
-def describe(loaded: gen.Loaded | None) -> dict | None:
+def describe(loaded: loading.Loaded | None) -> dict | None:
     if loaded is None:
         return None
-    return {"path": str(loaded.path), "layout": loaded.layout, "sha256": gen.ckpt_io.sha256(loaded.path)}
+    return {"path": str(loaded.path), "layout": loaded.layout, "sha256": store.sha256(loaded.path)}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -352,7 +355,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "notes": sampler.notes,
     }
     json_path = args.out / f"{name}.json"
-    gen.ckpt_io.atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    store.atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
     json_path.chmod(0o644)  # atomic_write's temp file is private; a result file is for sharing
     print(f"wrote {npz_path} ({num_samples} images), {json_path}" + (f", {grid_path}" if grid_path else ""))
     print(

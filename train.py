@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 train.py --stage tokenizer --preset rectok-B --data.path /data/imagenet
     torchrun --nnodes 4 --node_rank $R --master_addr $A --nproc_per_node 8 train.py ...   # multi-node
 
-Configuration: rectok/train_config.py (defaults -> preset -> --config JSON -> --key value);
+Configuration: rectok/training/config.py (defaults -> preset -> --config JSON -> --key value);
 `python train.py --help` lists every key. Everything a run writes lives in --run_dir:
 ckpt_*.pt + `latest` + manifest.json (resume with --resume auto), config.json,
 metrics.jsonl, TensorBoard events (tb/), images/*.png, the EMA weights as safetensors,
@@ -21,8 +21,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rectok import distributed as D
-from rectok.train_config import parse_args
+from rectok.training import distributed as D
+from rectok.training.config import parse_args
 from rectok.training.dit_stage import train_dit
 from rectok.training.latents import CachedMoments
 from rectok.training.reports import write_summary

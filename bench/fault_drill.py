@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import RESULTS_DIR, environment  # noqa: E402
-from rectok import checkpoint as ck  # noqa: E402
+from rectok.checkpoints import store as ck  # noqa: E402
 
 # Runs train.py as __main__ after arming an optional kill inside a checkpoint write:
 # DRILL_KILL="<target name>:<n>:<mode>" kills this process with SIGKILL during the n-th atomic write
@@ -54,7 +54,7 @@ WRAPPER = r"""
 import errno, os, runpy, signal, sys
 spec = os.environ.get("DRILL_KILL") or os.environ.get("DRILL_FAULT_AT")
 if spec:
-    import rectok.checkpoint as ck
+    import rectok.checkpoints.store as ck
     prefix, nth, mode = spec.split(":")
     real, seen = ck.atomic_write, []
     def atomic_write(path, write):
@@ -174,7 +174,8 @@ def launch(
         rc=p.returncode,
         killed=killed,
         traceback="Traceback" in stderr,
-        error_lines=[x for x in stderr.splitlines() if x.startswith("ERROR:")],
+        # Our one-line errors (maybe behind a progress bar's carriage return) and argparse's.
+        error_lines=[x for x in re.split(r"[\r\n]", stderr) if x.startswith("ERROR:") or ": error: " in x],
         resumed_at=int(resumed.group(1)) if resumed else None,
         last_step=last_metrics_step(run_dir) if run_dir else None,
         first_row_s=first_row_s,
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> Report:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="rectok-drill-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        from rectok.demo_data import ensure_demo_dataset
+        from rectok.data.demo import ensure_demo_dataset
 
         data = ensure_demo_dataset(
             work / "data", train_per_class=1, val_per_class=1, min_size=64, max_size=80

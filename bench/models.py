@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from rectok import kernels  # noqa: E402
-from rectok.dit import DiTDH, dit_config  # noqa: E402
-from rectok.tokenizer import RecTok, make_config  # noqa: E402
+from rectok.models.dit import DiTDH, dit_config
+from rectok.models.tokenizer import RecTok, make_config
 
 MODES = ("eager", "compile", "ours", "compile+ours")
 PARTS = ("train", "sample", "data")
@@ -86,9 +86,9 @@ class TrainCase:
 
 
 def tokenizer_case(device: torch.device) -> TrainCase:
-    from rectok.losses import LossWeights, PerceptualLoss, tokenizer_loss
-    from rectok.optim import build_adamw
-    from rectok.teacher import Teacher
+    from rectok.models.teacher import Teacher
+    from rectok.training.losses import LossWeights, PerceptualLoss, tokenizer_loss
+    from rectok.training.optim import build_adamw
 
     on_gpu = gpu(device)
     base = make_config(
@@ -150,7 +150,7 @@ def tokenizer_case(device: torch.device) -> TrainCase:
 
 
 def dit_case(device: torch.device) -> TrainCase:
-    from rectok.optim import build_adamw
+    from rectok.training.optim import build_adamw
 
     on_gpu = gpu(device)
     preset = "dit-dh-xl" if on_gpu else "dit-dh-tiny"
@@ -269,7 +269,7 @@ def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
 
 # ----------------------------------------------------------------------------- sampling
 def sample_rows(modes: Sequence[str], ctx: Bench) -> list[dict]:
-    from rectok.generate import Sampler, SamplerConfig, index_noise
+    from rectok.sampling.generate import Sampler, SamplerConfig, index_noise
 
     device, on_gpu = ctx.device, gpu(ctx.device)
     torch.manual_seed(0)
@@ -366,8 +366,8 @@ def epoch(loader, device: torch.device) -> tuple[int, float, float]:
 
 
 def data_rows(ctx: Bench, count: int) -> list[dict]:
-    from rectok.dali_pipeline import dali_available
-    from rectok.data import build_loader
+    from rectok.data.dali import dali_available
+    from rectok.data.loading import build_loader
 
     rows = []
     workers = 8 if gpu(ctx.device) else 2

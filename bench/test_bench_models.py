@@ -52,8 +52,8 @@ def test_train_step(benchmark, name, mode):
 
 
 def test_sample_step(benchmark):
-    from rectok.generate import Sampler, SamplerConfig, index_noise
-    from rectok.tokenizer import RecTok, make_config
+    from rectok.models.tokenizer import RecTok, make_config
+    from rectok.sampling.generate import Sampler, SamplerConfig, index_noise
 
     on_gpu = DEVICE.type == "cuda"
     tok = RecTok(make_config("rectok-B" if on_gpu else "rectok-tiny", semantic_dim=0))

@@ -1,4 +1,4 @@
-"""Checkpoints (rectok/checkpoint.py).
+"""Checkpoints (rectok/checkpoints/store.py).
 
 Proves: a full training state (model, EMA, optimizer, scaler, RNG states, config, data
 position) round-trips through torch.load(weights_only=True) and continues training
@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from rectok import checkpoint as ck
-from rectok.ema import EMA
+from rectok.checkpoints import store as ck
+from rectok.training.ema import EMA
 
 
 def _draws() -> tuple:

@@ -23,20 +23,15 @@ import pytest
 import torch
 from PIL import Image
 
-from rectok import data
-from rectok.dali_pipeline import dali_available
-from rectok.data import (
-    PILLoader,
-    ShardedSampler,
-    build_loader,
-    center_crop_arr,
-    default_exclusion_path,
-    read_exclusion_list,
-    resolve_samples,
-    to_tensor,
-    verify_dataset,
-)
-from rectok.demo_data import MARKER, ensure_demo_dataset
+from rectok.data.dali import dali_available
+from rectok.data.demo import MARKER, ensure_demo_dataset
+from rectok.data.loading import build_loader
+from rectok.data.pil_loader import PILLoader
+from rectok.data.sharding import ShardedSampler
+from rectok.data.sources import default_exclusion_path, read_exclusion_list, resolve_samples
+from rectok.data.transforms import center_crop_arr, to_tensor
+from rectok.data.verify import main as verify_main
+from rectok.data.verify import verify_dataset
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not installed")
 
@@ -334,7 +329,7 @@ def test_verify_dataset_writes_exclusion_list(corrupt_folder):
     )
     assert len(_collect(loader)["index"]) == 12 and loader.num_skipped == 0
     exclusion.unlink()
-    assert data.main(["verify", str(corrupt_folder), "--split", "train", "--workers", "1"]) == 0
+    assert verify_main(["verify", str(corrupt_folder), "--split", "train", "--workers", "1"]) == 0
     assert read_exclusion_list(exclusion) == set(bad)
 
 
@@ -408,7 +403,7 @@ def test_demo_dataset_offline_deterministic_idempotent(tmp_path, no_network, mon
 
     # Complete: reused without regenerating anything.
     monkeypatch.setattr(
-        "rectok.demo_data._augment", lambda *a, **k: pytest.fail("rebuilt a complete dataset")
+        "rectok.data.demo._augment", lambda *a, **k: pytest.fail("rebuilt a complete dataset")
     )
     assert ensure_demo_dataset(a, **small) == a
     monkeypatch.undo()

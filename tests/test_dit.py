@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rectok import kernels
-from rectok.dit import DiTDH, DiTDHConfig, LatentNormalizer, dit_config, sincos_pos_embed_2d
+from rectok.models.dit import DiTDH, DiTDHConfig, LatentNormalizer, dit_config, sincos_pos_embed_2d
 
 # A CPU-cheap member used where the Triton interpreter or the compiler is slow.
 SMALL = DiTDHConfig(

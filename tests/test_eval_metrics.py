@@ -160,9 +160,9 @@ def test_reconstruction_rejects_empty_loader():
 
 
 def test_recon_cli_on_tiny_official_checkpoint(tmp_path):
+    from rectok.checkpoints.official import save_official
     from rectok.eval.cli import main
-    from rectok.official import save_official
-    from rectok.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
@@ -184,8 +184,8 @@ def test_recon_cli_on_tiny_official_checkpoint(tmp_path):
     assert saved["meta"]["checkpoint"] == str(ckpt)
 
     # the numbers are those of the tokenizer on the ADM center crops, computed directly
+    from rectok.checkpoints.official import load_tokenizer
     from rectok.eval.image_io import LabelledImageFolder
-    from rectok.official import load_tokenizer
 
     tok = load_tokenizer(ckpt).eval()
     x = torch.stack([LabelledImageFolder(tmp_path / "val", 64)[i][0] for i in range(3)])

@@ -189,9 +189,9 @@ def test_markdown_table_marks_missing_taus():
 
 
 def test_probe_cli_on_tiny_official_checkpoint(tmp_path):
+    from rectok.checkpoints.official import save_official
     from rectok.eval.cli import main
-    from rectok.official import save_official
-    from rectok.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectok import checkpoint as ck
+from rectok.checkpoints import store as ck
 from rectok.training import latents
 
 
@@ -56,7 +56,7 @@ def _die_before_rename(monkeypatch, name_part: str, nth: int = 1) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from rectok.demo_data import ensure_demo_dataset
+    from rectok.data.demo import ensure_demo_dataset
 
     # 16 training images (8 classes x 2): 2 optimizer steps per epoch at global batch 8.
     return ensure_demo_dataset(
@@ -114,7 +114,7 @@ def test_tokenizer_killed_inside_a_checkpoint_write_resumes_bit_exactly(
             train_script.main(_args(data, run, *steps))
     assert ck.checkpoint_name(3) not in [p.name for p in ck.list_checkpoints(run)]
     assert _debris(run) == [f".{ck.checkpoint_name(3)}.killed00.tmp"]
-    with caplog.at_level(logging.INFO, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
         res = train_script.main(_args(data, run, *steps, "--resume", "auto"))
     assert res["start_step"] == 2  # one step lost: the one whose checkpoint was being written
     assert "removed 1 temp file(s)" in caplog.text and "sha256 verified" in caplog.text
@@ -150,7 +150,8 @@ def test_full_disk_during_a_save_is_one_clear_error_and_loses_nothing(
 
 
 def test_unreadable_images_met_before_an_interruption_still_count(train_script, data, tmp_path):
-    from rectok.data import ShardedSampler, build_loader
+    from rectok.data.loading import build_loader
+    from rectok.data.sharding import ShardedSampler
 
     root = tmp_path / "data"
     shutil.copytree(data, root)
@@ -245,7 +246,7 @@ def test_unreadable_rows_get_the_next_readable_images_moments(tmp_path):
 
 # ------------------------------------------------------------------------------ loading trained models
 def test_damaged_tokenizer_checkpoints_and_exports_are_refused(data, tokenizer_run, tmp_path):
-    from rectok import model_io
+    from rectok.checkpoints import loading as model_io
 
     run = tmp_path / "tok"
     shutil.copytree(tokenizer_run, run)
@@ -275,7 +276,7 @@ def test_damaged_tokenizer_checkpoints_and_exports_are_refused(data, tokenizer_r
 def test_non_finite_tokenizer_weights_are_refused(tokenizer_run, tmp_path):
     from safetensors.torch import save_file
 
-    from rectok import model_io
+    from rectok.checkpoints import loading as model_io
 
     state, meta = ck.read_safetensors(tokenizer_run / "tokenizer_ema.safetensors")
     name = next(k for k, v in state.items() if v.is_floating_point())

@@ -1,4 +1,5 @@
-"""`python -m rectok.latent_stats` on a tiny random tokenizer and a tiny generated ImageNet folder, CPU.
+"""`python -m rectok.training.latent_stats` on a tiny random tokenizer and a tiny generated ImageNet
+folder, CPU.
 
 Proves: the statistics equal a direct float64 computation over the same center-cropped training
 images (the val split is not read); the file is the one train.py writes and sample.py reads
@@ -17,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rectok import checkpoint as ckpt_io
-from rectok import model_io
-from rectok.data import center_crop_arr, load_rgb, scan_image_folder, to_tensor
-from rectok.latent_stats import main
+from rectok.checkpoints import loading as model_io
+from rectok.checkpoints import store as ckpt_io
+from rectok.data.sources import scan_image_folder
+from rectok.data.transforms import center_crop_arr, load_rgb, to_tensor
+from rectok.training.latent_stats import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +39,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Path:
     """A random rectok-tiny tokenizer (64 px, C = 16) in the official layout."""
-    from rectok.official import save_official
-    from rectok.tokenizer import build_tokenizer
+    from rectok.checkpoints.official import save_official
+    from rectok.models.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tok") / "tok.safetensors"
@@ -145,7 +147,7 @@ def test_missing_inputs_fail_with_the_path(tokenizer, data, tmp_path):
 def test_command_line_reports_a_missing_tokenizer(data, tmp_path):
     missing = tmp_path / "absent_tok.safetensors"
     result = subprocess.run(
-        [sys.executable, "-m", "rectok.latent_stats", str(missing), str(data), "--device", "cpu"],
+        [sys.executable, "-m", "rectok.training.latent_stats", str(missing), str(data), "--device", "cpu"],
         cwd=ROOT,
         capture_output=True,
         text=True,

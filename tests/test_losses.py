@@ -1,4 +1,4 @@
-"""Tokenizer losses (rectok/losses.py, rectok/discriminator.py).
+"""Tokenizer losses (rectok/training/losses.py, rectok/models/discriminator.py).
 
 Proves: KL, semantic, hinge and generator terms against independent formulas; the
 total is the weighted sum of its named terms in float32; the discriminator gets no
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectok import losses
-from rectok.discriminator import PatchDiscriminator
-from rectok.losses import (
+from rectok.models.discriminator import PatchDiscriminator
+from rectok.training import losses
+from rectok.training.losses import (
     DiscriminatorLoss,
     LossWeights,
     PerceptualLoss,

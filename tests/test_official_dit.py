@@ -7,7 +7,7 @@ Proves, against the official fixtures (../shared/fixtures/official, float32 on C
 - time_grid and euler_sample reproduce the official time grid and the three sampler
   results (no guidance, AutoGuidance w = 1.29, CFG w = 1.29) to the same tolerance;
 - dit_to_official inverts load_dit exactly, also through save_official to .safetensors
-  and .pth and rectok.official.load_dit;
+  and .pth and rectok.checkpoints.official.load_dit;
 - broken checkpoints (missing, unexpected, mis-shaped entries, a RoPE that does not fit)
   fail with a ValueError naming the problem.
 """
@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rectok import official
-from rectok.dit import DiTDH, DiTDHConfig
-from rectok.official_dit import dit_to_official, infer_config, load_dit
-from rectok.sampling import euler_sample, time_grid
+from rectok.checkpoints import official
+from rectok.checkpoints.official_dit import dit_to_official, infer_config, load_dit
+from rectok.models.dit import DiTDH, DiTDHConfig
+from rectok.sampling.euler import euler_sample, time_grid
 
 TOL = 1e-5
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rectok import flow
-from rectok.official import load_tokenizer, save_official
-from rectok.official_tokenizer import infer_config, tokenizer_to_official
-from rectok.tokenizer import DiagonalGaussian, build_tokenizer, tokenizer_rope_table
+from rectok.checkpoints.official import load_tokenizer, save_official
+from rectok.checkpoints.official_tokenizer import infer_config, tokenizer_to_official
+from rectok.models import flow
+from rectok.models.tokenizer import DiagonalGaussian, build_tokenizer, tokenizer_rope_table
 
 IO_KEYS = [
     "enc_moments_eval",
@@ -172,7 +172,7 @@ def test_teacher_weights_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
     model = _random_tiny()
     state = tokenizer_to_official(model)
     state["sem_foundation_models.dinov3.embeddings.patch_embeddings.weight"] = torch.zeros(4, 3, 2, 2)
-    with caplog.at_level(logging.INFO, logger="rectok.official_tokenizer"):
+    with caplog.at_level(logging.INFO, logger="rectok.checkpoints.official_tokenizer"):
         loaded = load_tokenizer(state)
     assert "sem_foundation_models" in caplog.text
     _assert_same_model(model.eval(), loaded.eval())

@@ -1,4 +1,4 @@
-"""Optimizer utilities and EMA (rectok/optim.py, rectok/ema.py).
+"""Optimizer utilities and EMA (rectok/training/optim.py, rectok/training/ema.py).
 
 Proves: weight decay reaches exactly the matrices of the tokenizer (not biases, norms,
 embeddings, mask tokens, frozen parameters) and AdamW really applies it that way; the
@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from rectok.ema import EMA
-from rectok.optim import LRSchedule, build_adamw, clip_grad_norm, param_groups, set_lr
-from rectok.tokenizer import build_tokenizer
+from rectok.models.tokenizer import build_tokenizer
+from rectok.training.ema import EMA
+from rectok.training.optim import LRSchedule, build_adamw, clip_grad_norm, param_groups, set_lr
 
 
 def _names(model: nn.Module, group: dict) -> set[str]:

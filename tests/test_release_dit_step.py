@@ -35,12 +35,12 @@ from release_fixtures import fixture_path, relative_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rectok import flow
-from rectok.ema import EMA
-from rectok.official_dit import dit_to_official, load_dit
-from rectok.optim import build_adamw, set_lr
-from rectok.train_config import make_config
+from rectok.checkpoints.official_dit import dit_to_official, load_dit
+from rectok.models import flow
+from rectok.training.config import make_config
 from rectok.training.dit_stage import DiTDraws, flow_matching_loss
+from rectok.training.ema import EMA
+from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Schedule
 from rectok.training.runtime import optimizer_step
 

@@ -34,11 +34,14 @@ from release_fixtures import (
 )
 from safetensors.torch import load_file, save_file
 
-from rectok import flow
-from rectok.discriminator import PatchDiscriminator
-from rectok.ema import EMA
-from rectok.flow import FlowDraws
-from rectok.losses import (
+from rectok.checkpoints.official_tokenizer import official_name
+from rectok.models import flow
+from rectok.models.discriminator import PatchDiscriminator
+from rectok.models.flow import FlowDraws
+from rectok.models.teacher import Teacher
+from rectok.models.tokenizer import DiagonalGaussian
+from rectok.training.ema import EMA
+from rectok.training.losses import (
     DiscriminatorLoss,
     LossWeights,
     PerceptualLoss,
@@ -46,10 +49,7 @@ from rectok.losses import (
     semantic_loss,
     tokenizer_loss,
 )
-from rectok.official_tokenizer import official_name
-from rectok.optim import LRSchedule, build_adamw, set_lr
-from rectok.teacher import Teacher
-from rectok.tokenizer import DiagonalGaussian
+from rectok.training.optim import LRSchedule, build_adamw, set_lr
 from rectok.training.runtime import optimizer_step
 from rectok.training.tokenizer_stage import stage1_losses
 
@@ -244,7 +244,7 @@ class Stage1:
     no DDP), starting from the official tiny tokenizer, with the fixture's optimiser settings."""
 
     def __init__(self, teacher, perceptual, *, lr_peak=1e-3, weight_decay=0.05) -> None:
-        from rectok.official import load_tokenizer
+        from rectok.checkpoints.official import load_tokenizer
 
         self.tok = load_tokenizer(official_tokenizer_state()).train()
         self.before = {k: v.clone() for k, v in self.tok.state_dict().items()}

@@ -1,4 +1,5 @@
-"""Resuming never trains silently on damaged state and a run never leaves debris (rectok/checkpoint.py).
+"""Resuming never trains silently on damaged state and a run never leaves debris
+(rectok/checkpoints/store.py).
 
 Proves, on small fake run folders (a few Linear layers saved with save_checkpoint):
 - a checkpoint with flipped bytes fails its manifest sha256; `--resume auto` skips it for the
@@ -28,7 +29,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectok import checkpoint as ck
+from rectok.checkpoints import store as ck
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def _warnings(caplog) -> str:
 
 def test_full_verification_passes_and_logs_its_time(tmp_path, caplog):
     paths = _run(tmp_path)
-    with caplog.at_level(logging.INFO, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
         path, state = ck.resolve_resume("auto", tmp_path)
     assert path == paths[-1] and state["step"] == 30
     assert "sha256 verified" in caplog.text and " s)" in caplog.text
@@ -65,7 +66,7 @@ def test_flipped_bytes_are_detected_and_skipped(tmp_path, caplog):
     paths = _run(tmp_path)
     _flip(paths[-1])
     assert ck.check_checkpoint(paths[-1], "full").startswith("sha256")
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         path, state = ck.resolve_resume("auto", tmp_path)
     assert path == paths[1] and state["step"] == 20
     text = _warnings(caplog)
@@ -78,7 +79,7 @@ def test_truncated_or_empty_newest_is_skipped_with_a_reason(tmp_path, caplog, da
     paths = _run(tmp_path)
     raw = paths[-1].read_bytes()
     paths[-1].write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"")
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         path, _ = ck.resolve_resume("auto", tmp_path)
     assert path == paths[1]
     line = next(r.getMessage() for r in caplog.records if "skipping" in r.getMessage())
@@ -99,7 +100,7 @@ def test_size_mode_checks_bytes_only_and_torch_load_still_guards(tmp_path, caplo
     del manifest[paths[-1].name]
     (tmp_path / ck.MANIFEST).write_text(json.dumps(manifest))
     paths[-1].write_bytes(b"PK" + b"\0" * 200)
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         path, _ = ck.resolve_resume("auto", tmp_path, verify="size")
     assert path == paths[0]
     text = _warnings(caplog)
@@ -128,7 +129,7 @@ def test_explicit_damaged_file_is_one_clear_value_error(tmp_path):
 def test_latest_naming_a_missing_file_says_what_was_chosen(tmp_path, caplog):
     paths = _run(tmp_path)
     (tmp_path / ck.LATEST).write_text("ckpt_000000040.pt\n")
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         path, _ = ck.resolve_resume("auto", tmp_path)
     assert path == paths[-1]
     text = _warnings(caplog)
@@ -158,13 +159,13 @@ def test_used_run_folder_is_never_silently_restarted(tmp_path, caplog):
     # `latest` ever written): nothing to resume, nothing to lose; it starts again, the metrics moved
     # aside, so that a retry loop does not stall on it.
     (other / "metrics.jsonl").write_text('{"step": 1}\n')
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         moved = ck.prepare_run_dir("auto", other)
     assert [p.name for p in moved] == ["metrics.jsonl"] and "no checkpoint was ever written" in caplog.text
     assert ck.resolve_resume("auto", other) == (None, None)
     caplog.clear()
     # --resume never: the old files move aside, the folder is then fresh
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         moved = ck.prepare_run_dir("never", tmp_path)
     assert {p.name for p in moved} == {p.name for p in paths} | {ck.LATEST, ck.MANIFEST}
     assert all(p.is_file() and p.parent.name.startswith("previous-") for p in moved)
@@ -184,7 +185,7 @@ def test_temp_files_of_interrupted_saves_are_removed_and_reported(tmp_path, capl
     keep = [tmp_path / ".notes.tmp", tmp_path / "mine.tmp", tmp_path / ".ckpt.pt.short.tmp"]
     for p in keep:
         p.write_bytes(b"user")
-    with caplog.at_level(logging.WARNING, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
         assert ck.remove_temp_files(tmp_path) == (3, 1024)
         ck.prepare_run_dir("auto", tmp_path)  # what Run calls at start; nothing left to remove
     assert not any((tmp_path / name).exists() for name in debris)
@@ -201,7 +202,7 @@ def train(train_script):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from rectok.demo_data import ensure_demo_dataset
+    from rectok.data.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(
         tmp_path_factory.mktemp("demo"), train_per_class=1, val_per_class=1, min_size=64, max_size=80
@@ -224,7 +225,7 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_a_plain_restart(train, 
     assert names == [ck.checkpoint_name(1), ck.checkpoint_name(2)]
     _flip(run / names[-1])
     (run / f".{names[-1]}.a1b2c3d4.tmp").write_bytes(b"partial")
-    with caplog.at_level(logging.INFO, logger="rectok.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
         res = train.main(_args(data, run, "--max_steps", "3", "--resume", "auto"))
     assert res["start_step"] == 1  # not 2: that one is damaged
     assert f"skipping checkpoint {run / names[-1]}: sha256" in caplog.text

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from rectok import checkpoint as ck
-from rectok.official import save_official
-from rectok.tokenizer import build_tokenizer
+from rectok.checkpoints import store as ck
+from rectok.checkpoints.official import save_official
+from rectok.models.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_written_files_follow_the_umask(tmp_path, umask_022):
 
 
 def test_nonfinite_message_names_the_metrics_step(tmp_path, capsys, train_script):
-    from rectok.demo_data import ensure_demo_dataset
+    from rectok.data.demo import ensure_demo_dataset
 
     train = train_script
     data = ensure_demo_dataset(

@@ -1,4 +1,4 @@
-"""sample.py and rectok/generate.py: generation from checkpoints to an ADM npz.
+"""sample.py and rectok/sampling/generate.py: generation from checkpoints to an ADM npz.
 
 Proves, with tiny random models on CPU:
 - an image depends only on (seed, sample index): batch sizes 2 and 3 give the same npz, a
@@ -29,11 +29,12 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
-from rectok import checkpoint as ck
-from rectok import generate as gen
-from rectok.dit import DiTDH, dit_config
-from rectok.ema import EMA
-from rectok.tokenizer import RecTok, make_config
+from rectok.checkpoints import loading
+from rectok.checkpoints import store as ck
+from rectok.models.dit import DiTDH, dit_config
+from rectok.models.tokenizer import RecTok, make_config
+from rectok.sampling import generate as gen
+from rectok.training.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 C, GRID, CLASSES = 16, 4, 3
@@ -189,8 +190,8 @@ def test_decode_denormalizes_with_the_stored_statistics():
 
 def test_official_dit_reproduces_the_official_sampler(official_fixtures):
     io = load_file(str(official_fixtures / "dit_dh_tiny_io.safetensors"))
-    dit = gen.load_dit(official_fixtures / "dit_dh_tiny_official_state.safetensors")
-    weak = gen.load_dit(official_fixtures / "dit_dh_tiny_weak_official_state.safetensors")
+    dit = loading.load_dit(official_fixtures / "dit_dh_tiny_official_state.safetensors")
+    weak = loading.load_dit(official_fixtures / "dit_dh_tiny_weak_official_state.safetensors")
     assert dit.layout == "official" and dit.latent_stats is None
     c, grid = dit.model.config.in_channels, dit.model.config.grid_size
     tok = RecTok(make_config("rectok-tiny", img_size=grid * 16, token_channels=c, semantic_dim=0))

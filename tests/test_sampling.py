@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from rectok.dit import DiTDH, dit_config
-from rectok.sampling import euler_sample, time_grid
+from rectok.models.dit import DiTDH, dit_config
+from rectok.sampling.euler import euler_sample, time_grid
 
 NULL = 10
 

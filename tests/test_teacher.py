@@ -23,8 +23,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from rectok.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher
-from rectok.teacher_weights import TEACHERS
+from rectok.models.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher
+from rectok.models.teacher_weights import TEACHERS
 
 
 @pytest.fixture

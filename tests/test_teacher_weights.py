@@ -1,4 +1,4 @@
-"""Teacher weights (rectok/teacher_weights.py): what this file proves.
+"""Teacher weights (rectok/models/teacher_weights.py): what this file proves.
 
 Every layout users have loads, offline, into a timm model whose features equal the original's:
 - DINOv3, HF transformers (folder, the model.safetensors file with its config.json, an HF hub cache
@@ -31,7 +31,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from rectok.teacher_weights import (
+from rectok.models.teacher_weights import (
     convert_state_dict,
     find_teacher_weights,
     load_teacher_model,

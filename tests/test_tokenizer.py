@@ -20,9 +20,9 @@ import pytest
 import torch
 from rectok.kernels import use_backend
 
-from rectok import flow
-from rectok.layers import mlp_hidden_dim
-from rectok.tokenizer import (
+from rectok.models import flow
+from rectok.models.layers import mlp_hidden_dim
+from rectok.models.tokenizer import (
     PRESETS,
     DiagonalGaussian,
     RecTok,

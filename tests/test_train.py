@@ -28,8 +28,8 @@ import pytest
 import torch
 from conftest import load_script
 
-from rectok import checkpoint as ck
-from rectok.train_config import from_dict
+from rectok.checkpoints import store as ck
+from rectok.training.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from rectok.demo_data import ensure_demo_dataset
+    from rectok.data.demo import ensure_demo_dataset
 
     # 16 training images: 2 optimizer steps per epoch at global batch 8.
     return ensure_demo_dataset(
@@ -148,7 +148,7 @@ def test_dit_stage_with_latent_cache_replays_the_image_loader(stage1, data, tmp_
 
     # The cache holds plain and flipped moments; batch by batch it must equal encoding the images the
     # image loader yields for the same epoch (same order, same flips), up to float16 storage.
-    from rectok.data import build_loader
+    from rectok.data.loading import build_loader
 
     tok, _ = train.load_tokenizer(run_dir, torch.device("cpu"))
     tok.eval()
@@ -310,7 +310,7 @@ def test_missing_inputs_and_unwritable_run_dir_are_one_clear_line(data, tmp_path
 
 
 def test_config_presets_overrides_and_batch_geometry(tmp_path):
-    from rectok.train_config import make_config, parse_args
+    from rectok.training.config import make_config, parse_args
 
     s1 = parse_args(["--stage", "tokenizer", "--preset", "rectok-B"])
     assert s1.base_lr() == pytest.approx(4e-4)  # 1e-4 * 1024 / 256
@@ -407,7 +407,7 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = ck.load_checkpoint(tmp_path / "run")
-    from rectok.dit import DiTDH, DiTDHConfig
+    from rectok.models.dit import DiTDH, DiTDHConfig
 
     model = DiTDH(DiTDHConfig(**saved["model_config"]))
     model.load_state_dict(saved["model"])  # full, unsharded tensors with bare names
@@ -420,7 +420,7 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
 
 def test_latent_cache_tag_follows_tokenizer_weights_and_data(tmp_path):
     """The latent cache is shared by identical runs and never reused with other weights or data."""
-    from rectok.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import build_tokenizer
     from rectok.training.latents import latent_cache_tag
 
     torch.manual_seed(0)

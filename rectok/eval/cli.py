@@ -95,7 +95,7 @@ def cmd_stats(args) -> None:
 
 def _load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
     """Our checkpoints (run folder, ckpt_*.pt, *_ema.safetensors) or an official-layout file."""
-    from rectok.generate import load_tokenizer
+    from rectok.checkpoints.loading import load_tokenizer
 
     return load_tokenizer(path).model.to(device).eval()
 

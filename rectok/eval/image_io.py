@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from rectok.data import center_crop_arr
+from rectok.data.transforms import center_crop_arr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rectok import distributed as D
-from rectok.data import ImageDataset, build_loader, resolve_samples
-from rectok.train_config import TrainConfig
+from rectok.data.dataset import ImageDataset
+from rectok.data.loading import build_loader
+from rectok.data.sources import resolve_samples
+from rectok.training import distributed as D
+from rectok.training.config import TrainConfig
 from rectok.training.progress import Position, Schedule
 from rectok.training.runtime import Run
 
@@ -23,7 +25,7 @@ def data_root(cfg: TrainConfig, run: Run) -> Path:
         return Path(cfg.data.path)
     root = Path("data/demo")
     if run.info.is_main:
-        from rectok.demo_data import ensure_demo_dataset
+        from rectok.data.demo import ensure_demo_dataset
 
         ensure_demo_dataset(root)
     D.barrier()

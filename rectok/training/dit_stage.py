@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 
-from rectok import checkpoint as ckpt
-from rectok import distributed as D
-from rectok import flow, kernels, model_io
-from rectok.dit import DiTDH, LatentNormalizer, dit_config
-from rectok.ema import EMA
-from rectok.optim import build_adamw, set_lr
-from rectok.sampling import euler_sample
-from rectok.tokenizer import DiagonalGaussian
-from rectok.train_config import TrainConfig
+from rectok import kernels
+from rectok.checkpoints import loading as model_io
+from rectok.checkpoints import store as ckpt
+from rectok.models import flow
+from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
+from rectok.models.tokenizer import DiagonalGaussian
+from rectok.sampling.euler import euler_sample
+from rectok.training import distributed as D
 from rectok.training.batches import (
     bad_image_indices,
     data_root,
@@ -30,6 +29,8 @@ from rectok.training.batches import (
     step_batches,
     train_loader,
 )
+from rectok.training.config import TrainConfig
+from rectok.training.ema import EMA
 from rectok.training.latents import (
     CachedMoments,
     build_latent_cache,
@@ -37,6 +38,7 @@ from rectok.training.latents import (
     latent_statistics,
     tokenizer_fingerprint,
 )
+from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (

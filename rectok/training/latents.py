@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok import distributed as D
-from rectok.checkpoint import atomic_write, remove_temp_files
-from rectok.data import ShardedSampler
-from rectok.train_config import TrainConfig
+from rectok.checkpoints.store import atomic_write, remove_temp_files
+from rectok.data.sharding import ShardedSampler
+from rectok.training import distributed as D
 from rectok.training.batches import encode_loader
+from rectok.training.config import TrainConfig
 from rectok.training.runtime import Run
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class ChannelStats:
     """Running per-channel sum, sum of squares and count of the posterior mean in float64 (a float32
     sum over ~300M ImageNet tokens would lose the mean's low digits); shared by train.py and
-    `python -m rectok.latent_stats`."""
+    `python -m rectok.training.latent_stats`."""
 
     def __init__(self, channels: int, device: torch.device | str = "cpu") -> None:
         self.channels = channels

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rectok import distributed as D
-from rectok.optim import LRSchedule
-from rectok.train_config import TrainConfig
+from rectok.training import distributed as D
+from rectok.training.config import TrainConfig
+from rectok.training.optim import LRSchedule
 from rectok.training.runtime import NonFiniteLossError, Run, restore_rng
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rectok import checkpoint as ckpt
+from rectok.checkpoints import store as ckpt
 from rectok.eval.image_metrics import to_uint8
-from rectok.generate import save_grid
-from rectok.train_config import TrainConfig
+from rectok.sampling.generate import save_grid
+from rectok.training.config import TrainConfig
 from rectok.training.runtime import Run
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok import checkpoint as ckpt
-from rectok import distributed as D
 from rectok import kernels
-from rectok.optim import clip_grad_norm
-from rectok.train_config import TrainConfig, format_config
+from rectok.checkpoints import store as ckpt
+from rectok.training import distributed as D
+from rectok.training.config import TrainConfig, format_config
+from rectok.training.optim import clip_grad_norm
 
 log = logging.getLogger("rectok.train")
 
@@ -183,8 +183,8 @@ def compile_blocks(model: nn.Module) -> int:
     Block-wise, as torchtitan does: the tokenizer's random mask ratio changes the encoder's
     sequence length every step and its Python-side sampling does not trace, while each block
     is a pure tensor function that Inductor fuses (with our kernels' custom ops inside)."""
-    from rectok.dit import AdaLNBlock
-    from rectok.layers import Block
+    from rectok.models.dit import AdaLNBlock
+    from rectok.models.layers import Block
 
     blocks = [m for m in model.modules() if isinstance(m, (Block, AdaLNBlock))]
     for block in blocks:

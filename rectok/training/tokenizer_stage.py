@@ -13,17 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rectok import checkpoint as ckpt
-from rectok import distributed as D
-from rectok import model_io
-from rectok.discriminator import PatchDiscriminator
-from rectok.ema import EMA
+from rectok.checkpoints import loading as model_io
+from rectok.checkpoints import store as ckpt
 from rectok.eval.image_metrics import psnr
-from rectok.flow import FlowDraws
-from rectok.losses import DiscriminatorLoss, LossWeights, PerceptualLoss, tokenizer_loss
-from rectok.optim import build_adamw, set_lr
-from rectok.tokenizer import DiagonalGaussian, RecTok, make_config
-from rectok.train_config import TrainConfig
+from rectok.models.discriminator import PatchDiscriminator
+from rectok.models.flow import FlowDraws
+from rectok.models.tokenizer import DiagonalGaussian, RecTok, make_config
+from rectok.training import distributed as D
 from rectok.training.batches import (
     bad_image_indices,
     data_root,
@@ -33,6 +29,10 @@ from rectok.training.batches import (
     step_batches,
     train_loader,
 )
+from rectok.training.config import TrainConfig
+from rectok.training.ema import EMA
+from rectok.training.losses import DiscriminatorLoss, LossWeights, PerceptualLoss, tokenizer_loss
+from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (
@@ -63,7 +63,7 @@ def _drop_semantic(ema_state: dict) -> dict:
 
 
 def build_teacher(cfg: TrainConfig, tok_cfg, device: torch.device):
-    from rectok.teacher import Teacher  # timm: imported only when the semantic loss is on
+    from rectok.models.teacher import Teacher
 
     t = cfg.tok
     weights = t.teacher_weights or None

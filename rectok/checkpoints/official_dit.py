@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .dit import DiTDH, DiTDHConfig
+from rectok.models.dit import DiTDH, DiTDHConfig
 
 # Heads of the official family by width (SPEC section 6); other widths need num_heads.
 TRUNK_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rectok import flow
-from rectok.layers import Block, RMSNorm, mlp_hidden_dim
+from rectok.models import flow
+from rectok.models.layers import Block, RMSNorm, mlp_hidden_dim
 
 # Official size table (width -> heads) for the ViT parts; see SPEC section 2.
 VIT_SIZES = {

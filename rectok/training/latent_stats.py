@@ -6,9 +6,9 @@ them at the start of a DiT^DH run; this tool does the same for any tokenizer (ou
 checkpoint or export, or an official-layout file) and any dataset, so that sample.py
 (`--latent-stats FILE`) or a new DiT^DH run can use them:
 
-    python -m rectok.latent_stats TOKENIZER DATA [--split train] [--out stats.safetensors]
+    python -m rectok.training.latent_stats TOKENIZER DATA [--split train] [--out stats.safetensors]
         [--batch-size 64] [--num-workers 4] [--limit N] [--device cuda|cpu] [--bf16]
-    torchrun --nproc-per-node 8 -m rectok.latent_stats TOKENIZER DATA ...   # ranks share the images
+    torchrun --nproc-per-node 8 -m rectok.training.latent_stats TOKENIZER DATA ...   # ranks share the images
 
 DATA is an ImageNet-layout folder (`DATA/<split>/<class>/*.JPEG`, or `DATA/<class>/...` when
 there is no split folder) or a file list (`relpath label` per line). The output is the file
@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rectok import checkpoint as ckpt_io
-from rectok import distributed as D
-from rectok.data import build_loader, default_exclusion_path, read_exclusion_list, resolve_samples
-from rectok.model_io import load_tokenizer
+from rectok.checkpoints import store as ckpt_io
+from rectok.checkpoints.loading import load_tokenizer
+from rectok.data.loading import build_loader
+from rectok.data.sources import default_exclusion_path, read_exclusion_list, resolve_samples
+from rectok.training import distributed as D
 from rectok.training.latents import ChannelStats
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m rectok.latent_stats",
+        prog="python -m rectok.training.latent_stats",
         description="Per-channel mean / std of a tokenizer's posterior mean over a dataset "
         "(center crop, no flip), for DiT^DH latent normalisation.",
     )

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok import checkpoint as ckpt_io
-from rectok.dit import DiTDH, DiTDHConfig, LatentNormalizer
-from rectok.tokenizer import RecTok, RecTokConfig
+from rectok.checkpoints import store as ckpt_io
+from rectok.models.dit import DiTDH, DiTDHConfig, LatentNormalizer
+from rectok.models.tokenizer import RecTok, RecTokConfig
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _read(
             state = dict(obj["model"])
         skip = ("model", "optimizer", "disc", "disc_optimizer") + (() if keep_ema else ("ema",))
         return state, dict(obj["model_config"]), {k: v for k, v in obj.items() if k not in skip}
-    from rectok.official import read_state_dict
+    from rectok.checkpoints.official import read_state_dict
 
     return read_state_dict(path), None, {}
 
@@ -224,7 +224,7 @@ def load_tokenizer(
     state, config, extra = _read(path, what, use_ema, keep_ema, verify)
     _finite(state, what, path)
     if config is None:
-        from rectok.official import load_tokenizer as load_official
+        from rectok.checkpoints.official import load_tokenizer as load_official
 
         model = load_official(state)
         return Loaded(model.eval(), path, "official")
@@ -245,7 +245,7 @@ def load_dit(
     state, config, extra = _read(path, what, use_ema, verify=verify)
     _finite(state, what, path)
     if config is None:
-        from rectok.official import load_dit as load_official
+        from rectok.checkpoints.official import load_dit as load_official
 
         model = load_official(state)
         return Loaded(model.eval(), path, "official")

@@ -29,7 +29,9 @@ from collections.abc import Iterator
 
 import torch
 
-from rectok.data import CROPS, SampleSet, ShardedLoader
+from rectok.data.sharding import ShardedLoader
+from rectok.data.sources import SampleSet
+from rectok.data.transforms import CROPS
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,13 @@
 """Class-conditional generation: DiT^DH velocity field -> Euler -> tokenizer pixel decoder (SPEC section 7).
 
-The pieces sample.py puts together, kept here so they can be tested:
-- loading (rectok.model_io, re-exported here): our checkpoints (training `ckpt_*.pt`, a run
-  folder, or an exported `.safetensors` with its config in the metadata) and official-layout
-  files (through rectok.official);
+The pieces sample.py puts together, kept here so they can be tested (the models themselves come
+from rectok.checkpoints.loading):
 - latent statistics (per-channel mean / std of the tokenizer's posterior mean): from an
   explicit file, else the DiT^DH checkpoint, else the tokenizer checkpoint;
 - the sample plan: sample i has label classes[i % len(classes)] (the release's order) and its
   starting noise comes from a generator seeded with (seed, i), so an image depends on its index
   only, never on the batch size or the number of ranks; ranks take contiguous blocks;
-- `Sampler`: noise -> rectok.sampling.euler_sample -> de-normalise -> [B, L, C] tokens ->
+- `Sampler`: noise -> rectok.sampling.euler.euler_sample -> de-normalise -> [B, L, C] tokens ->
   pixel decoder -> clamp(out / 2 + 1/2, 0, 1) -> uint8, with optional torch.compile and
   CUDA-graph replay of the velocity network;
 - ADM npz output (`arr_0` uint8 [N, H, W, 3], `arr_1` int64 labels) streamed from per-rank
@@ -30,22 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok import checkpoint as ckpt_io  # noqa: F401  (see the re-exports below)
-from rectok import flow
-from rectok.dit import DiTDH, LatentNormalizer
 from rectok.eval.image_metrics import to_uint8
-
-# Loading lives in rectok.model_io (training and evaluation use it too); re-exported under the
-# names callers of this module use (sample.py also reaches the checkpoint helpers as gen.ckpt_io).
-from rectok.model_io import Loaded as Loaded
-from rectok.model_io import dit_model_config as dit_model_config
-from rectok.model_io import load_dit as load_dit
-from rectok.model_io import load_tokenizer as load_tokenizer
-from rectok.model_io import read_latent_stats as read_latent_stats
-from rectok.model_io import resolve_path as resolve_path
-from rectok.model_io import tokenizer_config as tokenizer_config
-from rectok.sampling import GUIDANCE, euler_sample
-from rectok.tokenizer import RecTok
+from rectok.models import flow
+from rectok.models.dit import DiTDH, LatentNormalizer
+from rectok.models.tokenizer import RecTok
+from rectok.sampling.euler import GUIDANCE, euler_sample
 
 log = logging.getLogger(__name__)
 

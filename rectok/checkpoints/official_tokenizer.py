@@ -16,8 +16,8 @@ import re
 
 import torch
 
-from rectok.layers import mlp_hidden_dim
-from rectok.tokenizer import VIT_SIZES, RecTok, RecTokConfig
+from rectok.models.layers import mlp_hidden_dim
+from rectok.models.tokenizer import VIT_SIZES, RecTok, RecTokConfig
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 PREFIX = "ckpt_"
 SUFFIX = ".pt"
 
-log = logging.getLogger("rectok.checkpoint")
+log = logging.getLogger("rectok.checkpoints.store")
 
 
 # ----------------------------------------------------------------------------- RNG states

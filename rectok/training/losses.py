@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rectok import kernels
-from rectok.discriminator import PatchDiscriminator
+from rectok.models.discriminator import PatchDiscriminator
 
 log = logging.getLogger(__name__)
 

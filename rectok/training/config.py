@@ -186,8 +186,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError with an actionable message for any bad value; returns self."""
-        from rectok.dit import DIT_DH_PRESETS
-        from rectok.tokenizer import PRESETS as TOKENIZER_PRESETS
+        from rectok.models.dit import DIT_DH_PRESETS
+        from rectok.models.tokenizer import PRESETS as TOKENIZER_PRESETS
 
         err = _Errors()
         # First: every float must be finite. inf passes every ">= 0" below and NaN fails them with a

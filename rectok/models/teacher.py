@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectok.teacher_weights import load_teacher_model, resolve_model_name
+from rectok.models.teacher_weights import load_teacher_model, resolve_model_name
 
 log = logging.getLogger(__name__)
 

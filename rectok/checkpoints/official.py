@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rectok.checkpoint import atomic_write
+from rectok.checkpoints.store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ def load_dit(
 
 def save_official(model: nn.Module, path: str | os.PathLike) -> None:
     """Write `model` in the official layout (.safetensors, or .pth as {"model": state})."""
-    from .dit import DiTDH
+    from rectok.models.dit import DiTDH
+    from rectok.models.tokenizer import RecTok
+
     from .official_dit import dit_to_official
     from .official_tokenizer import tokenizer_to_official
-    from .tokenizer import RecTok
 
     if isinstance(model, RecTok):
         state = tokenizer_to_official(model)

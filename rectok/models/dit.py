@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rectok import kernels
-from rectok.layers import Attention, RMSNorm, SwiGLUMLP
+from rectok.models.layers import Attention, RMSNorm, SwiGLUMLP
 
 
 @dataclass(frozen=True)
