@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from rectok import kernels
@@ -252,7 +253,7 @@ class DiTDH(nn.Module):
         for block in self.head_blocks:
             h = block(h, s, self.head_rope)
         out = self.final_layer(h, s)  # (B, L, C)
-        return out.transpose(1, 2).reshape(B, C, H, W)
+        return rearrange(out, "b (h w) c -> b c h w", h=H)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
@@ -276,10 +277,6 @@ class LatentNormalizer(nn.Module):
             raise ValueError("latent std must be positive in every channel")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
-
-    @classmethod
-    def identity(cls, channels: int) -> LatentNormalizer:
-        return cls(torch.zeros(channels), torch.ones(channels))
 
     def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.ndim < 2 or z.shape[1] != self.mean.shape[0]:

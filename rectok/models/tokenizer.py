@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from rectok.models import flow
@@ -224,13 +225,14 @@ class PixelDecoder(_Trunk):
         h = self.embed(z)
         if ids_restore is not None:
             h = insert_mask_tokens(h, self.mask_token, ids_restore)
-        B, L, W = h.shape
+        L = h.shape[1]
         if L != self.grid**2:
             raise ValueError(f"pixel decoder expects {self.grid**2} tokens (or ids_restore), got {L}")
         h = self.run(h + self.pos_embed, self.rope_table)
         g, p = self.grid, self.patch_size
-        h = self.to_pixels(h.transpose(1, 2).reshape(B, W, g, g))  # (B, p*p*3, g, g), channels (p1, p2, c)
-        img = h.reshape(B, p, p, 3, g, g).permute(0, 3, 4, 1, 5, 2).reshape(B, 3, g * p, g * p)
+        h = self.to_pixels(rearrange(h, "b (gh gw) d -> b d gh gw", gh=g))  # (B, p*p*3, g, g)
+        # each token's p*p*3 channels are its patch, ordered (p1, p2, c) as in the release
+        img = rearrange(h, "b (p1 p2 c) gh gw -> b c (gh p1) (gw p2)", p1=p, p2=p)
         return self.conv_out(img)
 
 
@@ -328,9 +330,6 @@ class RecTok(nn.Module):
                     nn.init.ones_(m.weight)
             nn.init.normal_(sem.pos_embed, std=sem.pos_embed.shape[-1] ** -0.5)
             nn.init.zeros_(sem.mask_token)
-
-    def posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(moments)
 
     def encode(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> DiagonalGaussian:
         """x [B, 3, H, W] in [-1, 1] -> posterior over [B, L_keep, C]."""

@@ -90,8 +90,3 @@ class EMA:
             self.buffers[name].copy_(value)
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
-
-    def to(self, device: torch.device | str) -> EMA:
-        self.params = {n: t.to(device) for n, t in self.params.items()}
-        self.buffers = {n: t.to(device) for n, t in self.buffers.items()}
-        return self

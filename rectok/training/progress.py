@@ -164,6 +164,7 @@ class StepMeter:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=sched.total, initial=step, desc=desc, dynamic_ncols=True)
+            run.close_with_run(self.close)
 
     def wall_s(self) -> float:
         return time.time() - self.t_start

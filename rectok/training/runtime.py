@@ -85,6 +85,7 @@ class Run:
         self.run_dir = Path(cfg.run_dir)
         self.writer = None
         self.metrics_file = None
+        self._closers: list = []
         self.t0 = time.time()
         # Before anything is written: refuse missing inputs, drop temp files of interrupted saves, and
         # refuse (or, with --resume never, archive) a previous run so that step 0 never appends to its
@@ -170,7 +171,14 @@ class Run:
         if dropped:
             self.print(f"metrics.jsonl: dropped {dropped} rows after step {step} (they are redone now)")
 
+    def close_with_run(self, close) -> None:
+        """Call `close` when the run closes, also when it stops on an error: a progress bar left open
+        would glue the error line that follows to its last update."""
+        self._closers.append(close)
+
     def close(self) -> None:
+        for close in self._closers:
+            close()
         if self.metrics_file is not None:
             self.metrics_file.close()
         if self.writer is not None:
