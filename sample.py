@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from rectok.checkpoints import loading, store
+from rectok.environment import environment
 from rectok.sampling import generate as gen
 
 DEFAULT_DIT = "runs/demo-dit"  # what `python train.py --stage dit` (tiny preset) writes
@@ -200,17 +200,6 @@ def barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def environment(device: torch.device) -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        "platform": platform.platform(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, machine ceilings, environment report, result files.
+"""Shared benchmark plumbing: timing, machine ceilings, result files (the environment report is
+rectok.environment, shared with training and sample.py).
 
 Timing follows KERNELS.md: on CUDA, `triton.testing.do_bench` (CUDA events, warm-up, median
 of many runs) over inputs larger than L2; on CPU, the median of repeated wall-clock runs.
@@ -7,7 +8,6 @@ of many runs) over inputs larger than L2; on CPU, the median of repeated wall-cl
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -16,30 +16,6 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def environment() -> dict:
-    """What produced the numbers (USERS.md item 19: pinned, reported environments)."""
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> float:

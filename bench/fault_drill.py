@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import RESULTS_DIR, environment  # noqa: E402
+from bench.common import RESULTS_DIR  # noqa: E402
 from rectok.checkpoints import store as ck  # noqa: E402
+from rectok.environment import environment  # noqa: E402
 
 # Runs train.py as __main__ after arming an optional kill inside a checkpoint write:
 # DRILL_KILL="<target name>:<n>:<mode>" kills this process with SIGKILL during the n-th atomic write

@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import rectok.kernels as K  # noqa: E402
 
+from rectok.environment import device_name, environment  # noqa: E402
+
 
 @dataclass
 class Case:
@@ -346,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     ceilings = common.measure_ceilings(device, quick=args.quick)
-    print(f"device: {common.device_name(device)}; ceilings: {ceilings}")
+    print(f"device: {device_name(device)}; ceilings: {ceilings}")
     note = (
         None
         if device.type == "cuda"
@@ -359,11 +361,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(note)
 
     stamp = time.strftime("%Y-%m-%d")
-    tag = common.device_name(device).split(" (")[0].replace(" ", "-")
+    tag = device_name(device).split(" (")[0].replace(" ", "-")
     meta = {
-        "device": common.device_name(device),
+        "device": device_name(device),
         "ceilings": ceilings,
-        "environment": common.environment(),
+        "environment": environment(),
         "dtype": str(dtype),
         "batch": batch,
         "note": note,

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from rectok import kernels  # noqa: E402
+from rectok.environment import device_name, environment  # noqa: E402
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, make_config
 
@@ -443,7 +444,7 @@ class Bench:
 
 
 def device_tag(device: torch.device) -> str:
-    return common.device_name(device).split(" (")[0].replace(" ", "-")
+    return device_name(device).split(" (")[0].replace(" ", "-")
 
 
 def previous_results(tag: str, dirs: Sequence[Path], exclude: Path) -> tuple[Path, dict] | None:
@@ -525,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = Bench(device, args.quick, args.budget_s, args.compile_scope)
-    print(f"device: {common.device_name(device)}; ceilings: {ctx.ceilings}")
+    print(f"device: {device_name(device)}; ceilings: {ctx.ceilings}")
 
     tag = device_tag(device)
     stem = f"models-{time.strftime('%Y-%m-%d')}-{tag}"
@@ -542,9 +543,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         + ("" if on_gpu else " CPU run: tiny presets, float32, eager and compile only (Triton needs a GPU).")
     )
     meta = {
-        "device": common.device_name(device),
+        "device": device_name(device),
         "ceilings": ctx.ceilings,
-        "environment": common.environment(),
+        "environment": environment(),
         "quick": args.quick,
         "compile_scope": args.compile_scope,
         "note": note,

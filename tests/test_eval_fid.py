@@ -450,13 +450,17 @@ class ShiftTokenizer(torch.nn.Module):
         img = torch.nn.functional.fold(z.transpose(1, 2), self.hw, 8, stride=8)
         return torch.nn.functional.avg_pool2d(img, 3, 1, 1, count_include_pad=False) + 0.15
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """As RecTok.reconstruct: the posterior mean decoded to [0, 1]."""
+        moments = self._tokens(x)
+        return (self._decode(moments[..., : moments.shape[-1] // 2]) * 0.5 + 0.5).clamp(0, 1)
+
 
 @pytest.mark.slow
 def test_rfid_of_reconstructions_agrees_with_torch_fidelity(calibrated, tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     from rectok.eval.image_metrics import to_uint8
-    from rectok.eval.reconstruction import reconstruct
 
     weights, dir_a, _ = calibrated
     originals = np.load(dir_a.parent / "A.npz")["arr_0"][:8]  # uint8 [8, 64, 64, 3]
@@ -471,7 +475,7 @@ def test_rfid_of_reconstructions_agrees_with_torch_fidelity(calibrated, tmp_path
         )
         # reference side: the original uint8 pixels; reconstructions floored as the release writes them
         _write_folder(originals, tmp_path / "orig")
-        _write_folder(to_uint8(reconstruct(tok, images), "floor").numpy(), tmp_path / "rec")
+        _write_folder(to_uint8(tok.reconstruct(images), "floor").numpy(), tmp_path / "rec")
         ref = _torch_fidelity(weights, tmp_path / "rec", tmp_path / "orig")
     rfid = res["metrics"]["rFID-test"]
     print(f"\nrFID ours {rfid:.6f} torch-fidelity {ref['frechet_inception_distance']:.6f}")

@@ -20,7 +20,7 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from rectok.eval.image_metrics import psnr, ssim, to_uint8
-from rectok.eval.reconstruction import evaluate_reconstruction, reconstruct
+from rectok.eval.reconstruction import evaluate_reconstruction
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,8 +89,9 @@ def test_to_uint8_rounding_modes():
 
 class PatchTokenizer(torch.nn.Module):
     """Stand-in with the RecTok interface: encoder(x) -> moments [B, L, 2C] (mean | logvar),
-    pixel_decoder(z) -> [B, 3, H, W] in [-1, 1] space. Decoding scales and shifts the image so
-    the reconstruction is imperfect, and a wrong half of the moments would be obvious."""
+    pixel_decoder(z) -> [B, 3, H, W] in [-1, 1] space, reconstruct(x) -> [0, 1]. Decoding scales and
+    shifts the image so the reconstruction is imperfect, and a wrong half of the moments would be
+    obvious."""
 
     def __init__(self, patch: int = 8) -> None:
         super().__init__()
@@ -107,6 +108,11 @@ class PatchTokenizer(torch.nn.Module):
         img = torch.nn.functional.fold(z.transpose(1, 2), self.hw, self.p, stride=self.p)
         return 1.15 * img - 0.05
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """As RecTok.reconstruct: the posterior mean (first half of the moments), decoded to [0, 1]."""
+        moments = self._encode(x)
+        return (self._decode(moments[..., : moments.shape[-1] // 2]) * 0.5 + 0.5).clamp(0, 1)
+
 
 def _loader(images: torch.Tensor, batch_size: int):
     return [
@@ -120,7 +126,7 @@ def test_reconstruction_psnr_ssim_per_image(tmp_path):
     x01, _ = _image_pairs(2, (7, 3, 32, 32))
     images = (x01 * 2 - 1).float()  # loader convention: [-1, 1]
     expected_rec = torch.clamp((1.15 * images - 0.05) * 0.5 + 0.5, 0, 1)
-    assert torch.allclose(reconstruct(tok, images), expected_rec)
+    assert torch.allclose(tok.reconstruct(images), expected_rec)
 
     ref_psnr, ref_ssim = [], []
     for i in range(7):

@@ -99,6 +99,10 @@ def test_tokenizer_stage_writes_a_complete_run(stage1):
     cfg = from_dict(state["config"])  # the checkpoint alone rebuilds the run's config
     assert (cfg.stage, cfg.preset, cfg.max_steps) == ("tokenizer", "tiny", 3)
     assert ck.verify_checkpoint(ck.latest_checkpoint(run_dir))
+    # What produced the run: in its folder and in every checkpoint, one report.
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env == state["environment"] and env["torch"] == torch.__version__ and env["world_size"] == 1
+    assert env["git"] is None or len(env["git"]["commit"]) == 40
     weights, meta = ck.read_safetensors(run_dir / "tokenizer_ema.safetensors")
     assert meta["config"]["semantic_dim"] == 0 and not any(k.startswith("semantic_decoder.") for k in weights)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

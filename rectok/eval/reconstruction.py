@@ -22,14 +22,6 @@ from .image_metrics import psnr, ssim, to_uint8
 from .inception import INCEPTION_PORT, POOL_FEATURES, extract_features
 
 
-@torch.no_grad()
-def reconstruct(tok: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Images x [B, 3, H, W] in [-1, 1] -> reconstructions from the posterior mean, [B, 3, H, W] in [0, 1]."""
-    moments = tok.encoder(x)  # (B, L, 2C)
-    mean = moments[..., : moments.shape[-1] // 2]  # (B, L, C)
-    return torch.clamp(tok.pixel_decoder(mean).float() * 0.5 + 0.5, 0.0, 1.0)
-
-
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, pad: int = 2) -> None:
     """PNG with originals (top row) over reconstructions (bottom row); inputs [n, 3, H, W] in [0, 1]."""
     top, bottom = to_uint8(originals, "round").cpu().numpy(), to_uint8(recons, "round").cpu().numpy()
@@ -85,7 +77,7 @@ def evaluate_reconstruction(
         if max_images is not None:
             x = x[: max_images - count]
         with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
-            rec = reconstruct(tok, x)
+            rec = tok.reconstruct(x)
         orig = torch.clamp(x.float() * 0.5 + 0.5, 0.0, 1.0)
         psnr_sum += psnr(orig, rec).sum().item()
         ssim_sum += ssim(orig, rec).sum().item()

@@ -336,8 +336,8 @@ class RecTok(nn.Module):
         return DiagonalGaussian(self.encoder(x, ids_keep))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents z [B, L, C] -> images [B, 3, H, W] in [0, 1]."""
-        return torch.clamp(self.pixel_decoder(z) * 0.5 + 0.5, 0.0, 1.0)
+        """Latents z [B, L, C] -> images [B, 3, H, W] in [0, 1], float32 (also under autocast)."""
+        return torch.clamp(self.pixel_decoder(z).float() * 0.5 + 0.5, 0.0, 1.0)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -328,6 +328,21 @@ _TINY_COMMON = {
     "data.eval_images": 16,
 }
 
+# The paper's DiT^DH recipe, shared by the XL generator and the S AutoGuidance weak model.
+_DIT_RECIPE: dict[str, Any] = {
+    "global_batch": 1024,
+    "optim.lr": 2e-4,
+    "optim.min_lr": 2e-5,
+    "optim.schedule": "const_linear",
+    "optim.warmup_epochs": 0,
+    "optim.hold_epochs": 40,
+    "optim.decay_end_epochs": 800,
+    "optim.weight_decay": 0.0,
+    "optim.grad_clip": 1.0,
+    "optim.ema_decay": 0.9995,
+    "image_every": 5000,
+}
+
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Stage 1 of the release: 200 epochs, batch 1024, lr 1e-4 * 1024 / 256, 50 warm-up epochs, cosine.
     ("tokenizer", "rectok-B"): {
@@ -362,39 +377,19 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     },
     # DiT^DH-XL: lr 2e-4 constant to epoch 40, linear to 2e-5 at epoch 800; 80-epoch headline run.
     ("dit", "dit-dh-xl"): {
+        **_DIT_RECIPE,
         "run_dir": "runs/dit-dh-xl",
         "epochs": 80,
-        "global_batch": 1024,
         "micro_batch": 128,
         "dit.preset": "dit-dh-xl",
-        "optim.lr": 2e-4,
-        "optim.min_lr": 2e-5,
-        "optim.schedule": "const_linear",
-        "optim.warmup_epochs": 0,
-        "optim.hold_epochs": 40,
-        "optim.decay_end_epochs": 800,
-        "optim.weight_decay": 0.0,
-        "optim.grad_clip": 1.0,
-        "optim.ema_decay": 0.9995,
-        "image_every": 5000,
     },
     # DiT^DH-S trained 30 epochs with the same recipe: the AutoGuidance weak model.
     ("dit", "dit-dh-s"): {
+        **_DIT_RECIPE,
         "run_dir": "runs/dit-dh-s",
         "epochs": 30,
-        "global_batch": 1024,
         "micro_batch": 256,
         "dit.preset": "dit-dh-s",
-        "optim.lr": 2e-4,
-        "optim.min_lr": 2e-5,
-        "optim.schedule": "const_linear",
-        "optim.warmup_epochs": 0,
-        "optim.hold_epochs": 40,
-        "optim.decay_end_epochs": 800,
-        "optim.weight_decay": 0.0,
-        "optim.grad_clip": 1.0,
-        "optim.ema_decay": 0.9995,
-        "image_every": 5000,
     },
     # CPU demo (`python train.py`): tiny tokenizer, untrained tiny teacher, demo images, 600 steps.
     # Perceptual nets are off (random VGG/ConvNeXt would measure nothing and cost most of the CPU

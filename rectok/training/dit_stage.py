@@ -236,6 +236,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 **pos.checkpoint_entries(sched, run, cfg),
                 "rng": rngs,
                 "bad_images": bad_images,
+                "environment": run.environment,
                 "config": cfg.to_dict(),
                 "model_config": asdict(dcfg),
                 "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},

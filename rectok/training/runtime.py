@@ -22,6 +22,7 @@ from torch import nn
 
 from rectok import kernels
 from rectok.checkpoints import store as ckpt
+from rectok.environment import environment
 from rectok.training import distributed as D
 from rectok.training.config import TrainConfig, format_config
 from rectok.training.optim import clip_grad_norm
@@ -86,6 +87,7 @@ class Run:
         self.writer = None
         self.metrics_file = None
         self._closers: list = []
+        self.environment = environment(self.device)  # environment.json and every checkpoint
         self.t0 = time.time()
         # Before anything is written: refuse missing inputs, drop temp files of interrupted saves, and
         # refuse (or, with --resume never, archive) a previous run so that step 0 never appends to its
@@ -101,6 +103,8 @@ class Run:
                 ckpt.atomic_write(
                     self.run_dir / "config.json", lambda f: f.write(format_config(cfg).encode())
                 )
+                env = json.dumps(self.environment, indent=2)
+                ckpt.atomic_write(self.run_dir / "environment.json", lambda f: f.write(env.encode()))
                 self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         except OSError as err:  # only the file system calls above: a clear line, not a traceback
             raise RunDirError(_run_dir_problem(self.run_dir, err)) from err

@@ -145,14 +145,6 @@ def stage1_losses(
     return terms, out.images
 
 
-@torch.no_grad()
-def reconstruct(tok: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Posterior-mean reconstructions in [0, 1] of images x in [-1, 1] (eval mode, no noise)."""
-    moments = tok.encoder(x)
-    mean = moments[..., : moments.shape[-1] // 2]
-    return (tok.pixel_decoder(mean).float() * 0.5 + 0.5).clamp(0, 1)
-
-
 def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """Stage 1 (cfg.stage "tokenizer") or stage 2 ("decoder"); returns the loss history, step counts,
     held-out PSNR at the start and end (and how many held-out images were used / unreadable), the
@@ -244,6 +236,7 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 **pos.checkpoint_entries(sched, run, cfg),
                 "rng": rngs,
                 "bad_images": bad_images,
+                "environment": run.environment,
                 "config": cfg.to_dict(),
                 "model_config": tok_cfg.to_dict(),
             }
@@ -271,7 +264,7 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         ema.copy_to(ema_tok)
         tok.eval()
         x01 = eval_x * 0.5 + 0.5
-        rec, rec_ema = reconstruct(tok, eval_x), reconstruct(ema_tok, eval_x)
+        rec, rec_ema = tok.reconstruct(eval_x), ema_tok.reconstruct(eval_x)
         tok.train()
         n = min(8, len(eval_x))
         save_image_rows([x01[:n], rec[:n], rec_ema[:n]], run.run_dir / "images" / f"recon_{tag}.png")
