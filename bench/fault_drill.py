@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import RESULTS_DIR  # noqa: E402
-from rectok.checkpoints import store as ck  # noqa: E402
+from rectok.checkpoints import store  # noqa: E402
 from rectok.environment import environment  # noqa: E402
 
 # Runs train.py as __main__ after arming an optional kill inside a checkpoint write:
@@ -57,7 +57,7 @@ spec = os.environ.get("DRILL_KILL") or os.environ.get("DRILL_FAULT_AT")
 if spec:
     import rectok.checkpoints.store as ck
     prefix, nth, mode = spec.split(":")
-    real, seen = ck.atomic_write, []
+    real, seen = store.atomic_write, []
     def atomic_write(path, write):
         if not os.path.basename(str(path)).startswith(prefix):
             return real(path, write)
@@ -85,7 +85,7 @@ if spec:
                 raise OSError(getattr(errno, fault), os.strerror(getattr(errno, fault)))
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, dying)
-    ck.atomic_write = atomic_write
+    store.atomic_write = atomic_write
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path(os.path.join(os.environ["DRILL_ROOT"], "train.py"), run_name="__main__")
 """
@@ -208,7 +208,7 @@ def same_run(a: Path, b: Path) -> dict:
         return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"]["params"].items()}}
 
     la, lb = rows(a), rows(b)
-    sa, sb = ck.load_checkpoint(a), ck.load_checkpoint(b)
+    sa, sb = store.load_checkpoint(a), store.load_checkpoint(b)
     wa, wb = weights(sa), weights(sb)
     return {
         "steps_compared": len(la),
@@ -235,9 +235,9 @@ def drill_kills(
     for i in range(kills):
         if i < in_save:
             if i == in_save - 1 and in_save > 1:  # the manifest is small: killed before its rename
-                plan.append(("in-save", ck.MANIFEST, "rename"))
+                plan.append(("in-save", store.MANIFEST, "rename"))
             else:
-                plan.append(("in-save", ck.PREFIX, "mid" if i % 2 == 0 else "rename"))
+                plan.append(("in-save", store.PREFIX, "mid" if i % 2 == 0 else "rename"))
         else:
             plan.append(("random", None, None))
     rng.shuffle(plan)
@@ -288,13 +288,13 @@ def _flip(path: Path, count: int = 256, seed: int = 0) -> None:
 
 def _forge_manifest(path: Path) -> None:
     """The manifest entry an attacker with write access would forge so that size + sha256 pass."""
-    manifest = ck.read_manifest(path.parent)
+    manifest = store.read_manifest(path.parent)
     manifest[path.name] = {
         **manifest.get(path.name, {}),
-        "sha256": ck.sha256(path),
+        "sha256": store.sha256(path),
         "bytes": path.stat().st_size,
     }
-    (path.parent / ck.MANIFEST).write_text(json.dumps(manifest))
+    (path.parent / store.MANIFEST).write_text(json.dumps(manifest))
 
 
 class Payload:
@@ -307,11 +307,11 @@ class Payload:
 
 def drill_damaged(rep: Report, data: Path, work: Path, steps: int, ckpt_every: int) -> None:
     src = work / "reference"
-    ckpts = ck.list_checkpoints(src)
+    ckpts = store.list_checkpoints(src)
     if len(ckpts) < 2:
         return
     newest, older = ckpts[-1].name, ckpts[-2].name
-    older_step = int(older[len(ck.PREFIX) : -len(ck.SUFFIX)])
+    older_step = int(older[len(store.PREFIX) : -len(store.SUFFIX)])
     cases = [
         "flipped 256 bytes",
         "truncated",
@@ -339,12 +339,12 @@ def drill_damaged(rep: Report, data: Path, work: Path, steps: int, ckpt_every: i
             _forge_manifest(target)
         elif case.startswith("latest names"):
             target.unlink()
-            (run / ck.LATEST).write_text("ckpt_999999999.pt\n")
+            (run / store.LATEST).write_text("ckpt_999999999.pt\n")
         elif case == "explicit damaged file":
             _flip(target)
             explicit, expect_resume = str(target), None
         else:
-            for p in ck.list_checkpoints(run):
+            for p in store.list_checkpoints(run):
                 _flip(p)
             expect_resume = None
         resume = explicit or "auto"
@@ -488,7 +488,7 @@ def _remount(path: Path, opts: str) -> bool:
 def drill_machine(rep: Report, data: Path, work: Path, ckpt_every: int) -> None:
     probe = work / "ckpt_size"
     p = launch("checkpoint size probe", train_args(data, probe, 1, 0), run_dir=probe)
-    ckpt_mb = ck.latest_checkpoint(probe).stat().st_size / 2**20
+    ckpt_mb = store.latest_checkpoint(probe).stat().st_size / 2**20
     mnt = work / "small_disk"
     real = _mount_tmpfs(mnt, int(ckpt_mb * 2.5) + 1)  # room for two checkpoints and the run's small files
     try:
@@ -502,10 +502,10 @@ def drill_machine(rep: Report, data: Path, work: Path, ckpt_every: int) -> None:
                 "full disk (injected ENOSPC)",
                 args,
                 run_dir=run,
-                env={"DRILL_FAULT_AT": f"{ck.PREFIX}:3:mid", "DRILL_FAULT": "ENOSPC"},
+                env={"DRILL_FAULT_AT": f"{store.PREFIX}:3:mid", "DRILL_FAULT": "ENOSPC"},
             )
-        kept = ck.list_checkpoints(run)
-        intact = bool(kept) and all(ck.verify_checkpoint(p) for p in kept)
+        kept = store.list_checkpoints(run)
+        intact = bool(kept) and all(store.verify_checkpoint(p) for p in kept)
         if real:
             _remount(mnt, f"size={int(ckpt_mb * 8) + 1}m")  # the user frees space
         resumed = launch("resume after space was freed", [*args, "--resume", "auto"], run_dir=run)
@@ -534,7 +534,7 @@ def drill_machine(rep: Report, data: Path, work: Path, ckpt_every: int) -> None:
                 "read-only disk (injected EROFS)",
                 [*args, "--max_steps", str(8 * ckpt_every), "--resume", "auto"],
                 run_dir=run,
-                env={"DRILL_FAULT_AT": f"{ck.PREFIX}:1:rename", "DRILL_FAULT": "EROFS"},
+                env={"DRILL_FAULT_AT": f"{store.PREFIX}:1:rename", "DRILL_FAULT": "EROFS"},
             )
             case = "read-only disk (injected EROFS: no tmpfs could be remounted)"
         rep.machine.append(
@@ -556,10 +556,10 @@ def drill_machine(rep: Report, data: Path, work: Path, ckpt_every: int) -> None:
 def verification_cost(rep: Report, work: Path) -> None:
     """What size + sha256 verification adds to a resume: measured on the drill's checkpoints and on
     a 256 MiB file, given per GiB (a rectok-B training checkpoint is a few GiB: scale linearly)."""
-    ckpts = ck.list_checkpoints(work / "reference")
+    ckpts = store.list_checkpoints(work / "reference")
     if ckpts:
         t0 = time.perf_counter()
-        ck.check_checkpoint(ckpts[-1], "full")
+        store.check_checkpoint(ckpts[-1], "full")
         rep.verification["tiny_checkpoint_mib"] = round(ckpts[-1].stat().st_size / 2**20, 1)
         rep.verification["tiny_checkpoint_s"] = round(time.perf_counter() - t0, 3)
     big = work / "quarter_gib.bin"
@@ -567,7 +567,7 @@ def verification_cost(rep: Report, work: Path) -> None:
         for _ in range(16):
             f.write(os.urandom(16 << 20))
     t0 = time.perf_counter()
-    ck.sha256(big)
+    store.sha256(big)
     rep.verification["sha256_s_per_gib"] = round(4 * (time.perf_counter() - t0), 2)
     big.unlink()
 

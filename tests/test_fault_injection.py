@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectok.checkpoints import store as ck
+from rectok.checkpoints import store
 from rectok.training import latents
 
 
@@ -78,7 +78,7 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = ck.load_checkpoint(run_dir)
+    state = store.load_checkpoint(run_dir)
     return {**state["model"], **{f"ema.{k}": v for k, v in state["ema"]["params"].items()}}
 
 
@@ -109,11 +109,11 @@ def test_tokenizer_killed_inside_a_checkpoint_write_resumes_bit_exactly(
     train_script.main(_args(data, tmp_path / "clean", *steps))
     run = tmp_path / "killed"
     with monkeypatch.context() as m:
-        _die_before_rename(m, ck.checkpoint_name(3))
+        _die_before_rename(m, store.checkpoint_name(3))
         with pytest.raises(Killed):
             train_script.main(_args(data, run, *steps))
-    assert ck.checkpoint_name(3) not in [p.name for p in ck.list_checkpoints(run)]
-    assert _debris(run) == [f".{ck.checkpoint_name(3)}.killed00.tmp"]
+    assert store.checkpoint_name(3) not in [p.name for p in store.list_checkpoints(run)]
+    assert _debris(run) == [f".{store.checkpoint_name(3)}.killed00.tmp"]
     with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
         res = train_script.main(_args(data, run, *steps, "--resume", "auto"))
     assert res["start_step"] == 2  # one step lost: the one whose checkpoint was being written
@@ -141,10 +141,10 @@ def test_full_disk_during_a_save_is_one_clear_error_and_loses_nothing(
         with pytest.raises(OSError) as info:
             train_script.main(_args(data, run, *steps))
     message = str(info.value)
-    assert "No space left on device" in message and ck.checkpoint_name(2) in message
+    assert "No space left on device" in message and store.checkpoint_name(2) in message
     assert "previous copy is intact" in message
-    assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(1)]
-    assert ck.verify_checkpoint(run / ck.checkpoint_name(1)) and _debris(run) == []
+    assert [p.name for p in store.list_checkpoints(run)] == [store.checkpoint_name(1)]
+    assert store.verify_checkpoint(run / store.checkpoint_name(1)) and _debris(run) == []
     train_script.main(_args(data, run, *steps, "--resume", "auto"))
     _assert_same_run(tmp_path / "clean", run)
 
@@ -186,7 +186,7 @@ def test_dit_killed_in_cache_build_and_in_a_save_resumes_bit_exactly(
     assert [p.name for p in cache_dir.glob("moments_*.npy")] == []
     assert [p.suffix for p in cache_dir.iterdir() if not p.name.startswith(".")] == [".partial"]
     with monkeypatch.context() as m:  # second death: inside the step-2 checkpoint write
-        _die_before_rename(m, ck.checkpoint_name(2))
+        _die_before_rename(m, store.checkpoint_name(2))
         with caplog.at_level(logging.WARNING), pytest.raises(Killed):
             train_script.main(_args(data, run, *steps, "--resume", "auto"))
     assert "left by an interrupted build; rebuilding it" in caplog.text
@@ -250,10 +250,10 @@ def test_damaged_tokenizer_checkpoints_and_exports_are_refused(data, tokenizer_r
 
     run = tmp_path / "tok"
     shutil.copytree(tokenizer_run, run)
-    ckpt_file, export = ck.latest_checkpoint(run), run / "tokenizer_ema.safetensors"
+    ckpt_file, export = store.latest_checkpoint(run), run / "tokenizer_ema.safetensors"
     assert model_io.load_tokenizer(ckpt_file).layout == "ours"
     assert model_io.load_tokenizer(export).layout == "ours"
-    assert ck.sha256_sidecar(export).read_text().split() == [ck.sha256(export), export.name]
+    assert store.sha256_sidecar(export).read_text().split() == [store.sha256(export), export.name]
 
     raw = bytearray(ckpt_file.read_bytes())
     raw[-2000] ^= 0xFF
@@ -278,7 +278,7 @@ def test_non_finite_tokenizer_weights_are_refused(tokenizer_run, tmp_path):
 
     from rectok.checkpoints import loading as model_io
 
-    state, meta = ck.read_safetensors(tokenizer_run / "tokenizer_ema.safetensors")
+    state, meta = store.read_safetensors(tokenizer_run / "tokenizer_ema.safetensors")
     name = next(k for k, v in state.items() if v.is_floating_point())
     state[name] = torch.full_like(state[name], float("nan"))
     bad = tmp_path / "nan.safetensors"  # written by hand: export_safetensors itself refuses NaN

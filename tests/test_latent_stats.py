@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from rectok.checkpoints import loading as model_io
-from rectok.checkpoints import store as ckpt_io
+from rectok.checkpoints import store
 from rectok.data.sources import scan_image_folder
 from rectok.data.transforms import center_crop_arr, load_rgb, to_tensor
 from rectok.training.latent_stats import main
@@ -97,11 +97,11 @@ def test_stats_match_direct_float64_computation_and_train_format(tokenizer, data
     assert not torch.allclose(with_val_mean.float(), mean, atol=1e-3)
 
     # What train.py's DiT stage writes (dit_stage.py): "mean" / "std" with config and tokenizer metadata.
-    tensors, meta = ckpt_io.read_safetensors(out)
+    tensors, meta = store.read_safetensors(out)
     assert set(tensors) == {"mean", "std"}
     assert meta["config"] == {"token_channels": 16, "grid": 4}
     assert meta["tokenizer"] == str(tokenizer)
-    assert meta["tokenizer_sha256"] == ckpt_io.sha256(tokenizer)
+    assert meta["tokenizer_sha256"] == store.sha256(tokenizer)
     assert meta["images"] == 12 and meta["image_size"] == 64 and meta["split"] == "train"
     assert meta["data"] == str(data.resolve())
     assert not list(out.parent.glob("*.tmp")), "the atomic write left a temp file behind"
@@ -115,7 +115,7 @@ def test_limit_takes_images_spread_over_all_classes(tokenizer, data, tmp_path):
     ref_mean, ref_std = direct_stats(tokenizer, data / "train", picks)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std.double(), ref_std, rtol=1e-5, atol=1e-6)
-    _, meta = ckpt_io.read_safetensors(out)
+    _, meta = store.read_safetensors(out)
     assert meta["images"] == 4 and meta["limit"] == 4
 
 
@@ -127,7 +127,7 @@ def test_explicit_split_and_bf16(tokenizer, data, tmp_path):
     # bf16 encoding: close to the float32 reference at bf16 precision, not bit-equal.
     torch.testing.assert_close(mean.double(), ref_mean, rtol=0.05, atol=0.05)
     torch.testing.assert_close(std.double(), ref_std, rtol=0.05, atol=0.05)
-    assert ckpt_io.read_safetensors(out)[1]["images"] == 2
+    assert store.read_safetensors(out)[1]["images"] == 2
 
 
 def test_missing_inputs_fail_with_the_path(tokenizer, data, tmp_path):

@@ -29,7 +29,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectok.checkpoints import store as ck
+from rectok.checkpoints import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def _run(tmp_path: Path, steps=(10, 20, 30)) -> list[Path]:
     torch.manual_seed(0)
     model = nn.Linear(16, 16)
     return [
-        ck.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": s}, step=s, keep_last=0)
+        store.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": s}, step=s, keep_last=0)
         for s in steps
     ]
 
@@ -56,7 +56,7 @@ def _warnings(caplog) -> str:
 def test_full_verification_passes_and_logs_its_time(tmp_path, caplog):
     paths = _run(tmp_path)
     with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
-        path, state = ck.resolve_resume("auto", tmp_path)
+        path, state = store.resolve_resume("auto", tmp_path)
     assert path == paths[-1] and state["step"] == 30
     assert "sha256 verified" in caplog.text and " s)" in caplog.text
     assert _warnings(caplog) == ""  # a healthy run folder resumes without a word of warning
@@ -65,9 +65,9 @@ def test_full_verification_passes_and_logs_its_time(tmp_path, caplog):
 def test_flipped_bytes_are_detected_and_skipped(tmp_path, caplog):
     paths = _run(tmp_path)
     _flip(paths[-1])
-    assert ck.check_checkpoint(paths[-1], "full").startswith("sha256")
+    assert store.check_checkpoint(paths[-1], "full").startswith("sha256")
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        path, state = ck.resolve_resume("auto", tmp_path)
+        path, state = store.resolve_resume("auto", tmp_path)
     assert path == paths[1] and state["step"] == 20
     text = _warnings(caplog)
     assert "skipping checkpoint" in text and paths[-1].name in text and "sha256" in text
@@ -80,7 +80,7 @@ def test_truncated_or_empty_newest_is_skipped_with_a_reason(tmp_path, caplog, da
     raw = paths[-1].read_bytes()
     paths[-1].write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"")
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        path, _ = ck.resolve_resume("auto", tmp_path)
+        path, _ = store.resolve_resume("auto", tmp_path)
     assert path == paths[1]
     line = next(r.getMessage() for r in caplog.records if "skipping" in r.getMessage())
     reason = line.split(f"{paths[-1]}: ", 1)[1]
@@ -91,17 +91,17 @@ def test_truncated_or_empty_newest_is_skipped_with_a_reason(tmp_path, caplog, da
 def test_size_mode_checks_bytes_only_and_torch_load_still_guards(tmp_path, caplog):
     paths = _run(tmp_path)
     _flip(paths[-1])
-    assert ck.check_checkpoint(paths[-1], "size") is None  # same size: the cheap mode cannot tell
+    assert store.check_checkpoint(paths[-1], "size") is None  # same size: the cheap mode cannot tell
     raw = paths[-2].read_bytes()
     paths[-2].write_bytes(raw[:-100])
-    assert "size" in ck.check_checkpoint(paths[-2], "size")
+    assert "size" in store.check_checkpoint(paths[-2], "size")
     # not listed in the manifest: nothing to compare with, so only torch.load can reject it
-    manifest = ck.read_manifest(tmp_path)
+    manifest = store.read_manifest(tmp_path)
     del manifest[paths[-1].name]
-    (tmp_path / ck.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / store.MANIFEST).write_text(json.dumps(manifest))
     paths[-1].write_bytes(b"PK" + b"\0" * 200)
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        path, _ = ck.resolve_resume("auto", tmp_path, verify="size")
+        path, _ = store.resolve_resume("auto", tmp_path, verify="size")
     assert path == paths[0]
     text = _warnings(caplog)
     assert "not listed" in text and "torch.load failed" in text and f"{paths[-2].name} (size" in text
@@ -111,26 +111,26 @@ def test_explicit_damaged_file_is_one_clear_value_error(tmp_path):
     paths = _run(tmp_path)
     _flip(paths[-1])
     with pytest.raises(ValueError, match=rf"cannot resume from {paths[-1]}: sha256 .* differs") as err:
-        ck.resolve_resume(str(paths[-1]), tmp_path)
+        store.resolve_resume(str(paths[-1]), tmp_path)
     assert err.value.__cause__ is None  # our message, not a torch.load traceback
     paths[0].write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        ck.resolve_resume(str(paths[0]), tmp_path)
+        store.resolve_resume(str(paths[0]), tmp_path)
     # unlisted garbage: the torch.load error is wrapped into one message naming the file
     other = tmp_path / "elsewhere" / "ckpt_000000001.pt"
     other.parent.mkdir()
     other.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"{other} could not be read"):
-        ck.resolve_resume(str(other), tmp_path)
+        store.resolve_resume(str(other), tmp_path)
     with pytest.raises(ValueError, match="invalid choice|must be one of"):
-        ck.check_checkpoint(paths[1], "sometimes")
+        store.check_checkpoint(paths[1], "sometimes")
 
 
 def test_latest_naming_a_missing_file_says_what_was_chosen(tmp_path, caplog):
     paths = _run(tmp_path)
-    (tmp_path / ck.LATEST).write_text("ckpt_000000040.pt\n")
+    (tmp_path / store.LATEST).write_text("ckpt_000000040.pt\n")
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        path, _ = ck.resolve_resume("auto", tmp_path)
+        path, _ = store.resolve_resume("auto", tmp_path)
     assert path == paths[-1]
     text = _warnings(caplog)
     assert "ckpt_000000040.pt, which does not exist" in text
@@ -142,35 +142,35 @@ def test_used_run_folder_is_never_silently_restarted(tmp_path, caplog):
     for p in paths:
         p.write_bytes(b"")
     with pytest.raises(ValueError, match="no checkpoint in it is usable.*--resume never"):
-        ck.resolve_resume("auto", tmp_path)
+        store.resolve_resume("auto", tmp_path)
     with pytest.raises(ValueError, match="holds a previous run .*--resume is not set"):
-        ck.prepare_run_dir("", tmp_path)
+        store.prepare_run_dir("", tmp_path)
     # only metrics left (e.g. the checkpoints were deleted by hand) still counts as a previous run
     other = tmp_path / "metrics_only"
     other.mkdir()
     (other / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="metrics.jsonl"):
-        ck.prepare_run_dir("", other)
+        store.prepare_run_dir("", other)
     with pytest.raises(ValueError, match="metrics.jsonl"):
-        ck.resolve_resume("auto", other)
+        store.resolve_resume("auto", other)
     (other / "metrics.jsonl").write_text("")  # an empty log (a run that stopped at once) is no run
-    assert ck.prepare_run_dir("", other) == []
+    assert store.prepare_run_dir("", other) == []
     # --resume auto over a run killed before its first save (metrics, no checkpoint, manifest or
     # `latest` ever written): nothing to resume, nothing to lose; it starts again, the metrics moved
     # aside, so that a retry loop does not stall on it.
     (other / "metrics.jsonl").write_text('{"step": 1}\n')
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        moved = ck.prepare_run_dir("auto", other)
+        moved = store.prepare_run_dir("auto", other)
     assert [p.name for p in moved] == ["metrics.jsonl"] and "no checkpoint was ever written" in caplog.text
-    assert ck.resolve_resume("auto", other) == (None, None)
+    assert store.resolve_resume("auto", other) == (None, None)
     caplog.clear()
     # --resume never: the old files move aside, the folder is then fresh
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        moved = ck.prepare_run_dir("never", tmp_path)
-    assert {p.name for p in moved} == {p.name for p in paths} | {ck.LATEST, ck.MANIFEST}
+        moved = store.prepare_run_dir("never", tmp_path)
+    assert {p.name for p in moved} == {p.name for p in paths} | {store.LATEST, store.MANIFEST}
     assert all(p.is_file() and p.parent.name.startswith("previous-") for p in moved)
-    assert ck.previous_run_files(tmp_path) == [] and "moved the previous run" in caplog.text
-    assert ck.resolve_resume("auto", tmp_path) == (None, None)
+    assert store.previous_run_files(tmp_path) == [] and "moved the previous run" in caplog.text
+    assert store.resolve_resume("auto", tmp_path) == (None, None)
 
 
 def test_temp_files_of_interrupted_saves_are_removed_and_reported(tmp_path, caplog):
@@ -186,8 +186,8 @@ def test_temp_files_of_interrupted_saves_are_removed_and_reported(tmp_path, capl
     for p in keep:
         p.write_bytes(b"user")
     with caplog.at_level(logging.WARNING, logger="rectok.checkpoints.store"):
-        assert ck.remove_temp_files(tmp_path) == (3, 1024)
-        ck.prepare_run_dir("auto", tmp_path)  # what Run calls at start; nothing left to remove
+        assert store.remove_temp_files(tmp_path) == (3, 1024)
+        store.prepare_run_dir("auto", tmp_path)  # what Run calls at start; nothing left to remove
     assert not any((tmp_path / name).exists() for name in debris)
     assert all(p.is_file() for p in keep)
     assert "removed 3 temp file(s)" in caplog.text and "1.0 KiB" in caplog.text
@@ -221,8 +221,8 @@ def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
 def test_training_skips_a_damaged_checkpoint_and_refuses_a_plain_restart(train, data, tmp_path, caplog):
     run = tmp_path / "run"
     train.main(_args(data, run, "--max_steps", "2"))
-    names = [p.name for p in ck.list_checkpoints(run)]
-    assert names == [ck.checkpoint_name(1), ck.checkpoint_name(2)]
+    names = [p.name for p in store.list_checkpoints(run)]
+    assert names == [store.checkpoint_name(1), store.checkpoint_name(2)]
     _flip(run / names[-1])
     (run / f".{names[-1]}.a1b2c3d4.tmp").write_bytes(b"partial")
     with caplog.at_level(logging.INFO, logger="rectok.checkpoints.store"):
@@ -236,7 +236,7 @@ def test_training_skips_a_damaged_checkpoint_and_refuses_a_plain_restart(train, 
         train.main(_args(data, run, "--max_steps", "1"))
     assert (run / "metrics.jsonl").read_text().splitlines() == lines  # the refusal wrote nothing
     res = train.main(_args(data, run, "--max_steps", "1", "--resume", "never"))
-    assert res["start_step"] == 0 and [p.name for p in ck.list_checkpoints(run)] == [names[0]]
+    assert res["start_step"] == 0 and [p.name for p in store.list_checkpoints(run)] == [names[0]]
     assert len(list(run.glob("previous-*/metrics.jsonl"))) == 1
 
 
@@ -249,7 +249,9 @@ def test_resume_cuts_metrics_and_tensorboard_back_to_the_resume_step(train, data
     first = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss"')  # the torn last line of a killed run
-    res = train.main(_args(data, run, "--max_steps", "3", "--resume", str(run / ck.checkpoint_name(1)), *tb))
+    res = train.main(
+        _args(data, run, "--max_steps", "3", "--resume", str(run / store.checkpoint_name(1)), *tb)
+    )
     assert res["start_step"] == 1
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

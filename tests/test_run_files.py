@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from rectok.checkpoints import store as ck
+from rectok.checkpoints import store
 from rectok.checkpoints.official import save_official
 from rectok.models.tokenizer import build_tokenizer
 
@@ -36,12 +36,12 @@ def _mode(path: Path) -> int:
 
 def test_written_files_follow_the_umask(tmp_path, umask_022):
     model = nn.Linear(4, 4)
-    path = ck.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": 1}, step=1, keep_last=0)
-    ck.export_safetensors(tmp_path / "weights.safetensors", model.state_dict(), {"kind": "test"}, step=1)
+    path = store.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": 1}, step=1, keep_last=0)
+    store.export_safetensors(tmp_path / "weights.safetensors", model.state_dict(), {"kind": "test"}, step=1)
     tok = build_tokenizer("rectok-tiny")
     save_official(tok, tmp_path / "official.safetensors")
     save_official(tok, tmp_path / "official.pt")
-    for p in (path, tmp_path / ck.MANIFEST, tmp_path / ck.LATEST, tmp_path / "weights.safetensors",
+    for p in (path, tmp_path / store.MANIFEST, tmp_path / store.LATEST, tmp_path / "weights.safetensors",
               tmp_path / "official.safetensors", tmp_path / "official.pt"):  # fmt: skip
         assert _mode(p) == umask_022, (p.name, oct(_mode(p)))
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("*.tmp"))  # no debris

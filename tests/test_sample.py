@@ -29,8 +29,7 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
-from rectok.checkpoints import loading
-from rectok.checkpoints import store as ck
+from rectok.checkpoints import loading, store
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, make_config
 from rectok.sampling import generate as gen
@@ -76,11 +75,11 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     tok, dit, weak, (mean, std) = _models()
     out = {"root": root, "stats": (mean, std)}
-    out["tok"] = ck.export_safetensors(
+    out["tok"] = store.export_safetensors(
         root / "tokenizer_ema.safetensors", tok.state_dict(), tok.cfg.to_dict()
     )
     for name, model in (("dit", dit), ("weak", weak)):
-        out[name] = ck.export_safetensors(
+        out[name] = store.export_safetensors(
             root / f"{name}_ema.safetensors",
             model.state_dict(),
             asdict(model.config),
@@ -100,7 +99,7 @@ def files(tmp_path_factory):
         "latent_stats": {"mean": mean, "std": std},
         "tokenizer": str(out["tok"]),
     }
-    ck.save_checkpoint(run, state, step=5)
+    store.save_checkpoint(run, state, step=5)
     out["run"] = run
     return out
 
@@ -138,7 +137,7 @@ def test_deterministic_and_batch_size_independent(files, tmp_path):
     assert saved["overrides"]["num_points"] == {"preset": 150, "used": 4}
     assert saved["overrides"]["guidance"] == {"preset": "none", "used": "autoguidance"}
     assert saved["settings"]["scale"] == pytest.approx(1.29)
-    assert saved["checkpoints"]["dit"]["sha256"] == ck.sha256(files["dit"])
+    assert saved["checkpoints"]["dit"]["sha256"] == store.sha256(files["dit"])
     assert res2["output"]["num_images"] == 5 and (tmp_path / "b2.png").is_file()
     assert not list(tmp_path.glob(".*rank*"))  # shards removed after the merge
 
@@ -210,7 +209,7 @@ def test_official_dit_reproduces_the_official_sampler(official_fixtures):
 
 def test_official_models_need_latent_statistics(official_fixtures, tmp_path):
     tok = RecTok(make_config("rectok-tiny", img_size=128, token_channels=128, semantic_dim=0))
-    tok_path = ck.export_safetensors(tmp_path / "tok.safetensors", tok.state_dict(), tok.cfg.to_dict())
+    tok_path = store.export_safetensors(tmp_path / "tok.safetensors", tok.state_dict(), tok.cfg.to_dict())
     dit = official_fixtures / "dit_dh_tiny_official_state.safetensors"
     argv = ["--dit", str(dit), "--tokenizer", str(tok_path), "--num-points", "2", "--num-samples", "1"]
     argv += ["--out", str(tmp_path), "--no-progress", "--device", "cpu", "--grid", "0"]
@@ -238,10 +237,10 @@ def test_user_errors_name_the_fix(files, tmp_path, monkeypatch, capsys, official
         sample.main(["--dit", str(files["dit"]), "--scale", "2"])
     assert "--cfg-scale" in capsys.readouterr().err
 
-    weak, meta = ck.read_safetensors(files["weak"])
+    weak, meta = store.read_safetensors(files["weak"])
     mean, std = files["stats"]
     cfg = meta["config"]
-    other = ck.export_safetensors(
+    other = store.export_safetensors(
         tmp_path / "weak_other.safetensors",
         weak,
         cfg,

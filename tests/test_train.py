@@ -28,7 +28,7 @@ import pytest
 import torch
 from conftest import load_script
 
-from rectok.checkpoints import store as ck
+from rectok.checkpoints import store
 from rectok.training.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,17 +93,17 @@ def test_tokenizer_stage_writes_a_complete_run(stage1):
         "recon_0000000.png",
         "recon_0000003.png",
     ]
-    state = ck.load_checkpoint(run_dir)  # weights_only=True
+    state = store.load_checkpoint(run_dir)  # weights_only=True
     assert state["step"] == 3 and _no_wrapper_prefixes(state["model"]) and _no_wrapper_prefixes(state["disc"])
     assert any(k.startswith("semantic_decoder.") for k in state["model"])  # stage 1 trains the FSD/RAD head
     cfg = from_dict(state["config"])  # the checkpoint alone rebuilds the run's config
     assert (cfg.stage, cfg.preset, cfg.max_steps) == ("tokenizer", "tiny", 3)
-    assert ck.verify_checkpoint(ck.latest_checkpoint(run_dir))
+    assert store.verify_checkpoint(store.latest_checkpoint(run_dir))
     # What produced the run: in its folder and in every checkpoint, one report.
     env = json.loads((run_dir / "environment.json").read_text())
     assert env == state["environment"] and env["torch"] == torch.__version__ and env["world_size"] == 1
     assert env["git"] is None or len(env["git"]["commit"]) == 40
-    weights, meta = ck.read_safetensors(run_dir / "tokenizer_ema.safetensors")
+    weights, meta = store.read_safetensors(run_dir / "tokenizer_ema.safetensors")
     assert meta["config"]["semantic_dim"] == 0 and not any(k.startswith("semantic_decoder.") for k in weights)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for key in ("loss", "mse", "kl", "semantic", "gan_g", "d_loss", "grad_norm", "grad_norm_d", "lr"):
@@ -113,7 +113,7 @@ def test_tokenizer_stage_writes_a_complete_run(stage1):
 
 def test_decoder_stage_trains_only_the_pixel_decoder(stage1, data, tmp_path):
     run_dir, _ = stage1
-    init = ck.load_checkpoint(run_dir)["model"]
+    init = store.load_checkpoint(run_dir)["model"]
     res = train.main(
         _args(data, tmp_path, "--stage", "decoder", "--tok.init_from", str(run_dir), "--max_steps", "2")
         + [
@@ -147,7 +147,7 @@ def test_dit_stage_with_latent_cache_replays_the_image_loader(stage1, data, tmp_
     assert all(math.isfinite(v) for v in res["history"])
     for name in ("dit_ema.safetensors", "latent_stats.safetensors", "images/samples_0000003.png"):
         assert (tmp_path / name).is_file(), name
-    state = ck.load_checkpoint(tmp_path)
+    state = store.load_checkpoint(tmp_path)
     assert set(state["latent_stats"]) == {"mean", "std"} and _no_wrapper_prefixes(state["model"])
 
     # The cache holds plain and flipped moments; batch by batch it must equal encoding the images the
@@ -226,7 +226,7 @@ def test_nonfinite_loss_skips_update_counts_and_stops(data, tmp_path):
                 "2",
             )
         )
-    assert ck.list_checkpoints(tmp_path / "stop") == []  # nothing written after the stop
+    assert store.list_checkpoints(tmp_path / "stop") == []  # nothing written after the stop
 
 
 def test_bad_config_values_fail_clearly(data, tmp_path):
@@ -292,7 +292,7 @@ def test_missing_inputs_and_unwritable_run_dir_are_one_clear_line(data, tmp_path
     def refuse(path, write):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(ck, "atomic_write", refuse)
+    monkeypatch.setattr(store, "atomic_write", refuse)
     with pytest.raises(RunDirError, match=r"--run_dir \S+: Read-only file system: \S+config.json"):
         train.main(_args(data, run_dir))
     monkeypatch.undo()
@@ -385,7 +385,7 @@ def test_torchrun_two_gloo_ranks_keep_identical_parameters(data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    saved = ck.load_checkpoint(tmp_path / "run")
+    saved = store.load_checkpoint(tmp_path / "run")
     assert _no_wrapper_prefixes(saved["model"]) and len(saved["rng"]) == 2  # per-rank RNG states
     assert all(torch.equal(saved["model"][k], a[k]) for k in a)
     assert saved["data"]["world_size"] == 2 and saved["data"]["accum"] == 2
@@ -410,7 +410,7 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
         [*cmd, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    saved = ck.load_checkpoint(tmp_path / "run")
+    saved = store.load_checkpoint(tmp_path / "run")
     from rectok.models.dit import DiTDH, DiTDHConfig
 
     model = DiTDH(DiTDHConfig(**saved["model_config"]))
@@ -418,7 +418,7 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
     assert set(saved["ema"]["params"]) == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
         assert saved["ema"]["params"][name].shape == p.shape, name
-    weights, meta = ck.read_safetensors(tmp_path / "run" / "dit_ema.safetensors")
+    weights, meta = store.read_safetensors(tmp_path / "run" / "dit_ema.safetensors")
     assert set(weights) == set(model.state_dict()) and meta["step"] == 2
 
 

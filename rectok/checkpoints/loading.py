@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok.checkpoints import store as ckpt_io
+from rectok.checkpoints import store
 from rectok.models.dit import DiTDH, DiTDHConfig, LatentNormalizer
 from rectok.models.tokenizer import RecTok, RecTokConfig
 
@@ -55,7 +55,7 @@ def resolve_path(path: str | os.PathLike, what: str, hint: str) -> Path:
     (or EMA) .safetensors export. FileNotFoundError with `hint` (the command that makes it)."""
     path = Path(path)
     if path.is_dir():
-        found = ckpt_io.latest_checkpoint(path)
+        found = store.latest_checkpoint(path)
         if found is not None:
             return found
         exports = sorted(path.glob("*.safetensors"))
@@ -123,11 +123,11 @@ def _verified(path: Path, what: str, verify: str) -> None:
     """A training checkpoint its run's manifest lists is checked against it (size + sha256, or size
     only) before it is read, as a resume is: a damaged tokenizer would silently poison every latent."""
     try:
-        listed = path.name in ckpt_io.read_manifest(path.parent)
+        listed = path.name in store.read_manifest(path.parent)
     except (OSError, ValueError):
         listed = False
     if listed:
-        why = ckpt_io.check_checkpoint(path, verify)
+        why = store.check_checkpoint(path, verify)
         if why is not None:
             raise ValueError(f"{what}: {path} is damaged: {why}; pass an older checkpoint of that run")
 
@@ -152,11 +152,11 @@ def _read(
     "time_shift" / "tokenizer".
     """
     if path.suffix == ".safetensors":
-        state, meta = ckpt_io.read_safetensors(path, verify)
+        state, meta = store.read_safetensors(path, verify)
         config = meta.get("config")
         return state, config if isinstance(config, dict) else None, meta
     _verified(path, what, verify)
-    obj = ckpt_io.load_checkpoint(path)
+    obj = store.load_checkpoint(path)
     if isinstance(obj, Mapping) and "model_config" in obj and ("model" in obj or "ema" in obj):
         ema = obj.get("ema")
         if use_ema and isinstance(ema, Mapping):

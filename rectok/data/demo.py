@@ -32,12 +32,7 @@ FORMAT_VERSION = 1
 
 def _sources() -> dict[str, Callable[[], np.ndarray]]:
     """Class name -> loader of an RGB uint8 photo bundled with scikit-image (no download)."""
-    try:
-        from skimage import data
-    except ImportError as err:
-        raise ImportError(
-            "the demo dataset is made from scikit-image's sample photos: pip install scikit-image"
-        ) from err
+    from skimage import data  # a base dependency (its bundled photos need no download)
     return {
         "astronaut": data.astronaut,
         "cat": data.chelsea,

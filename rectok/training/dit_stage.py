@@ -15,7 +15,7 @@ import torch
 
 from rectok import kernels
 from rectok.checkpoints import loading as model_io
-from rectok.checkpoints import store as ckpt
+from rectok.checkpoints import store
 from rectok.models import flow
 from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
 from rectok.models.tokenizer import DiagonalGaussian
@@ -154,14 +154,14 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if num_classes < 1:
         raise ValueError("the dataset has no class folders: pass --dit.num_classes")
 
-    resume, state = ckpt.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
+    resume, state = store.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
     if state is not None:
         check_same_tokenizer(state, tok_print, resume, cfg.dit.tokenizer_ckpt)
         mu, std = state["latent_stats"]["mean"], state["latent_stats"]["std"]
     else:
         mu, std = latent_statistics(tok, cfg, run, root)
         if info.is_main:
-            ckpt.export_safetensors(
+            store.export_safetensors(
                 run.run_dir / "latent_stats.safetensors",
                 {"mean": mu, "std": std},
                 {"token_channels": C, "grid": grid},
@@ -244,10 +244,10 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "tokenizer_fingerprint": tok_print,
                 "time_shift": shift,
             }
-            path = ckpt.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
+            path = store.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
             if final and cfg.export:
                 weights = {**ema_sd["params"], **ema_sd["buffers"]}
-                ckpt.export_safetensors(
+                store.export_safetensors(
                     run.run_dir / "dit_ema.safetensors",
                     {k: weights[k] for k in model_sd},
                     asdict(dcfg),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rectok.checkpoints import store as ckpt_io
+from rectok.checkpoints import store
 from rectok.checkpoints.loading import load_tokenizer
 from rectok.data.loading import build_loader
 from rectok.data.sources import default_exclusion_path, read_exclusion_list, resolve_samples
@@ -147,12 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             mean, std, images = compute(tok, loader, info.device, args.bf16, progress=info.is_main)
         skipped = int(D.all_reduce_sum_(torch.tensor(loader.num_skipped, device=info.device)).item())
         if info.is_main:
-            out = ckpt_io.export_safetensors(
+            out = store.export_safetensors(
                 args.out,
                 {"mean": mean, "std": std},
                 {"token_channels": cfg.token_channels, "grid": cfg.grid_size},
                 tokenizer=str(loaded.path),
-                tokenizer_sha256=ckpt_io.sha256(loaded.path),
+                tokenizer_sha256=store.sha256(loaded.path),
                 tokenizer_layout=loaded.layout,
                 data=str(data.resolve()),
                 split=split,

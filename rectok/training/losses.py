@@ -145,10 +145,7 @@ def build_convnext_small(weights: str, weights_dir: str | os.PathLike | None = N
 def build_lpips_vgg(weights: str, weights_dir: str | os.PathLike | None = None) -> nn.Module:
     """LPIPS with the VGG16 trunk. Its calibrated linear layers ship inside the `lpips` package;
     the VGG16 ImageNet trunk comes from a local torchvision weight file."""
-    try:
-        import lpips
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the perceptual loss needs the `lpips` package: pip install lpips") from err
+    import lpips  # a base dependency, imported here because it is slow to import
     path = find_weights(VGG16_FILE, weights_dir, VGG16_ALIASES[1:]) if weights == "pretrained" else None
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=` flag
         warnings.simplefilter("ignore", UserWarning)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rectok.checkpoints import store as ckpt
+from rectok.checkpoints import store
 from rectok.eval.image_metrics import to_uint8
 from rectok.sampling.generate import save_grid
 from rectok.training.config import TrainConfig
@@ -49,5 +49,7 @@ def write_summary(run: Run, cfg: TrainConfig, result: dict[str, Any]) -> None:
         summary["heldout_skipped"] = result["heldout_skipped"]
     if "skipped_images" in result:  # unreadable training images substituted by the loader
         summary["skipped_images"] = result["skipped_images"]
-    ckpt.atomic_write(run.run_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    store.atomic_write(
+        run.run_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode())
+    )
     run.print("summary: " + json.dumps(summary))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rectok import kernels
-from rectok.checkpoints import store as ckpt
+from rectok.checkpoints import store
 from rectok.environment import environment
 from rectok.training import distributed as D
 from rectok.training.config import TrainConfig, format_config
@@ -96,30 +96,24 @@ class Run:
         if missing:
             raise ValueError("missing input:\n  - " + "\n  - ".join(missing))
         try:
-            ckpt.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
+            store.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
             if self.info.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "images").mkdir(exist_ok=True)
-                ckpt.atomic_write(
+                store.atomic_write(
                     self.run_dir / "config.json", lambda f: f.write(format_config(cfg).encode())
                 )
                 env = json.dumps(self.environment, indent=2)
-                ckpt.atomic_write(self.run_dir / "environment.json", lambda f: f.write(env.encode()))
+                store.atomic_write(self.run_dir / "environment.json", lambda f: f.write(env.encode()))
                 self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         except OSError as err:  # only the file system calls above: a clear line, not a traceback
             raise RunDirError(_run_dir_problem(self.run_dir, err)) from err
         if self.info.is_main:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
             if cfg.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # a base dependency: no guard
 
-                    self.writer = SummaryWriter(str(self.run_dir / "tb"))
-                except ImportError:
-                    log.warning(
-                        "tensorboard is not installed: no TensorBoard events (pip install tensorboard, "
-                        "or pass --tensorboard false to silence this); metrics.jsonl is written anyway"
-                    )
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
         D.barrier()
         kernel_backend = kernels.current_backend()
         self.print(
@@ -164,7 +158,7 @@ class Run:
                 dropped += 1
             else:
                 kept.append(line + "\n")
-        ckpt.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        store.atomic_write(path, lambda f: f.write("".join(kept).encode()))
         self.metrics_file = open(path, "a")
         if self.writer is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -215,7 +209,7 @@ def rng_states() -> list[dict]:
 
     All training randomness (masking, posterior samples, flow noise, DiT times, label dropout) draws
     from the per-rank-seeded global generators; data loading never touches them (epoch_batches)."""
-    return D.all_gather_object(ckpt.rng_state())
+    return D.all_gather_object(store.rng_state())
 
 
 def restore_rng(states: list[dict] | None, run: Run) -> None:
@@ -225,7 +219,7 @@ def restore_rng(states: list[dict] | None, run: Run) -> None:
             "seeds (the run continues, but not bit-identically)"
         )
         return
-    ckpt.set_rng_state(states[run.info.rank])
+    store.set_rng_state(states[run.info.rank])
 
 
 def nonfinite_any(*values: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rectok.checkpoints import loading as model_io
-from rectok.checkpoints import store as ckpt
+from rectok.checkpoints import store
 from rectok.eval.image_metrics import psnr
 from rectok.models.discriminator import PatchDiscriminator
 from rectok.models.flow import FlowDraws
@@ -207,7 +207,7 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     # ---- resume
     seed_everything(cfg.seed * 1000 + info.rank)
     pos = Position()
-    resume, state = ckpt.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
+    resume, state = store.resolve_resume(cfg.resume, run.run_dir, cfg.ckpt_verify)
     if resume is not None:
         tok.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -240,13 +240,13 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "config": cfg.to_dict(),
                 "model_config": tok_cfg.to_dict(),
             }
-            path = ckpt.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
+            path = store.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
             if final and cfg.export:
                 ema.copy_to(ema_tok)
                 export = {
                     k: v for k, v in ema_tok.state_dict().items() if not k.startswith("semantic_decoder.")
                 }
-                ckpt.export_safetensors(
+                store.export_safetensors(
                     run.run_dir / "tokenizer_ema.safetensors",
                     export,
                     {**tok_cfg.to_dict(), "semantic_dim": 0},
