@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch
 from rectok.checkpoints import loading, store
 from rectok.environment import environment
 from rectok.sampling import generate as gen
+from rectok.training import distributed as D
 
 DEFAULT_DIT = "runs/demo-dit"  # what `python train.py --stage dit` (tiny preset) writes
 DEFAULT_TOKENIZER = "runs/demo"  # what `python train.py` (the demo) writes
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="total samples (overrides --per-class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="per GPU (default 64 on CUDA, 16 on CPU)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if any")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--rounding", default="floor", choices=("floor", "round"), help="float -> uint8")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT^DH(s) and the decoder")
@@ -175,33 +175,6 @@ def describe(loaded: loading.Loaded | None) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- distributed
-def setup_device(name: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun sets WORLD_SIZE / RANK / LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
-        return 0, 1, torch.device(name)
-    want_cuda = name.startswith("cuda")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    if want_cuda:
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
@@ -211,14 +184,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"sample.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        D.shutdown()
 
 
 def run(args: argparse.Namespace) -> dict | None:
     preset = PRESETS[args.preset]
     guidance, scale, interval = resolve_guidance(args, preset)
-    rank, world, device = setup_device(args.device)
+    info = D.init_distributed(args.device)  # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
+    rank, world, device = info.rank, info.world_size, info.device
     dit, tok, weak, stats, stats_from = load_models(args)
 
     num_classes = dit.model.config.num_classes
@@ -284,7 +257,7 @@ def run(args: argparse.Namespace) -> dict | None:
     del shard
     elapsed = time.perf_counter() - start
     bar.close()
-    barrier(world)
+    D.barrier()
     if rank != 0:
         return None
 
