@@ -8,7 +8,7 @@
 
 Configuration: rectok/training/config.py (defaults -> preset -> --config JSON -> --key value);
 `python train.py --help` lists every key. Everything a run writes lives in --run_dir:
-ckpt_*.pt + `latest` + manifest.json (resume with --resume auto), config.json,
+ckpt_*.pt + `latest` + manifest.json (resume with --resume auto), config.json, environment.json,
 metrics.jsonl, TensorBoard events (tb/), images/*.png, the EMA weights as safetensors,
 and metrics.json at the end.
 

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rectok.checkpoints import store
 from rectok.checkpoints.loading import load_tokenizer
 from rectok.data.loading import build_loader
 from rectok.data.sources import default_exclusion_path, read_exclusion_list, resolve_samples
 from rectok.training import distributed as D
-from rectok.training.latents import ChannelStats
+from rectok.training.latents import channel_statistics
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -99,21 +98,6 @@ def _subset_list(data: Path, split: str | None, limit: int, folder: Path) -> Pat
     return path
 
 
-@torch.no_grad()
-def compute(
-    tok: torch.nn.Module, loader, device: torch.device, bf16: bool = False, progress: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean, std) float32 [C] of the posterior mean over all of `loader`'s images (all ranks) and
-    the number of images."""
-    stats = ChannelStats(tok.cfg.token_channels, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    for batch in tqdm(loader, desc="latent stats", unit="batch", disable=not progress):
-        with amp:
-            stats.update(tok.encoder(batch["image"].to(device, non_blocking=True)))
-    mean, std, count = stats.finish()
-    return mean, std, count // tok.cfg.seq_len
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
@@ -144,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=info.device,
                 exclude=exclude,
             )
-            mean, std, images = compute(tok, loader, info.device, args.bf16, progress=info.is_main)
+            bf16 = (
+                (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+            )
+            mean, std, images = channel_statistics(tok, loader, info.device, bf16, progress=info.is_main)
         skipped = int(D.all_reduce_sum_(torch.tensor(loader.num_skipped, device=info.device)).item())
         if info.is_main:
             out = store.export_safetensors(

@@ -5,14 +5,18 @@ have to run the encoder."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rectok.checkpoints.store import atomic_write, remove_temp_files
 from rectok.data.sharding import ShardedSampler
@@ -53,19 +57,33 @@ class ChannelStats:
 
 
 @torch.no_grad()
+def channel_statistics(
+    tok: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    autocast=nullcontext,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, std) float32 [C] of the posterior mean over `batches` on every rank, and the number
+    of images; `autocast` makes the encoder's precision context. The one loop behind the DiT^DH
+    stage's statistics and `python -m rectok.training.latent_stats`."""
+    stats = ChannelStats(tok.cfg.token_channels, device)
+    for batch in tqdm(batches, desc="latent stats", unit="batch", disable=not progress):
+        with autocast():
+            stats.update(tok.encoder(batch["image"].to(device, non_blocking=True)))
+    mean, std, count = stats.finish()
+    return mean, std, count // tok.cfg.seq_len
+
+
 def latent_statistics(
     tok: nn.Module, cfg: TrainConfig, run: Run, root: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std [C] of the posterior mean over the training set (no flip, center crop),
-    accumulated in float64 over all ranks (SPEC section 6)."""
+    """Per-channel mean and std [C] of the posterior mean over the training set (no flip, center crop;
+    the first --dit.stats_batches batches when set), accumulated in float64 over all ranks (SPEC
+    section 6)."""
     loader = encode_loader(cfg, run, root, tok.cfg.img_size)
-    stats = ChannelStats(tok.cfg.token_channels, run.device)
-    for i, batch in enumerate(loader):
-        if cfg.dit.stats_batches and i >= cfg.dit.stats_batches:
-            break
-        with run.autocast():
-            stats.update(tok.encoder(batch["image"].to(run.device)))
-    mu, std, _ = stats.finish()
+    batches = itertools.islice(loader, cfg.dit.stats_batches) if cfg.dit.stats_batches else loader
+    mu, std, _ = channel_statistics(tok, batches, run.device, run.autocast)
     return mu, std
 
 
