@@ -50,6 +50,17 @@ def train_script():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def demo_16(tmp_path_factory) -> Path:
+    """The demo dataset with 16 training images (8 classes x 2; 2 optimizer steps per epoch at
+    global batch 8) and 8 held-out ones, built once per test session."""
+    from rectok.data.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(
+        tmp_path_factory.mktemp("demo16"), train_per_class=2, val_per_class=1, min_size=64, max_size=80
+    )
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test (weights must load offline)."""

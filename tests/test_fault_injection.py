@@ -55,13 +55,8 @@ def _die_before_rename(monkeypatch, name_part: str, nth: int = 1) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from rectok.data.demo import ensure_demo_dataset
-
-    # 16 training images (8 classes x 2): 2 optimizer steps per epoch at global batch 8.
-    return ensure_demo_dataset(
-        tmp_path_factory.mktemp("demo"), train_per_class=2, val_per_class=1, min_size=64, max_size=80
-    )
+def data(demo_16) -> Path:
+    return demo_16
 
 
 def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -133,9 +133,7 @@ def _verified(path: Path, what: str, verify: str) -> None:
 
 
 def _finite(state: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
-    bad = [
-        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
-    ]
+    bad = store.nonfinite_keys(state)
     if bad:
         raise ValueError(f"{what}: {path} holds non-finite weights in {bad[:6]}; it cannot be used")
 

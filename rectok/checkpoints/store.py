@@ -129,13 +129,16 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def nonfinite_keys(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of `state` that hold NaN or Inf."""
+    return [
+        k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()
+    ]
+
+
 def check_finite(state: Mapping[str, torch.Tensor], what: str = "model") -> None:
     """Raise if any floating-point tensor of `state` holds NaN or Inf (such weights are never saved)."""
-    bad = [
-        k
-        for k, v in state.items()
-        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
-    ]
+    bad = nonfinite_keys(state)
     if bad:
         raise FloatingPointError(
             f"refusing to write a checkpoint: non-finite values in {what} tensors "
