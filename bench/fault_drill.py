@@ -55,7 +55,7 @@ WRAPPER = r"""
 import errno, os, runpy, signal, sys
 spec = os.environ.get("DRILL_KILL") or os.environ.get("DRILL_FAULT_AT")
 if spec:
-    import rectok.checkpoints.store as ck
+    from rectok.checkpoints import store
     prefix, nth, mode = spec.split(":")
     real, seen = store.atomic_write, []
     def atomic_write(path, write):
