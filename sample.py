@@ -27,6 +27,7 @@ import torch
 from rectok.checkpoints import loading, store
 from rectok.environment import environment
 from rectok.sampling import generate as gen
+from rectok.sampling.images import save_grid
 from rectok.training import distributed as D
 
 DEFAULT_DIT = "runs/demo-dit"  # what `python train.py --stage dit` (tiny preset) writes
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="total samples (overrides --per-class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="per GPU (default 64 on CUDA, 16 on CPU)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda if any")
+    p.add_argument("--device", default="auto", choices=D.DEVICES, help="auto: cuda if any")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--rounding", default="floor", choices=("floor", "round"), help="float -> uint8")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT^DH(s) and the decoder")
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if len(first) < min(args.grid, num_samples) and world > 1:  # rank 0's block is shorter than the grid
             parts = [np.load(gen.shard_path(npz_path, r, world), mmap_mode="r") for r in range(world)]
             first = np.concatenate([np.asarray(p) for p in parts])[: args.grid]
-        grid_path = gen.save_grid(np.asarray(first), args.out / f"{name}.png")
+        grid_path = save_grid(np.asarray(first), args.out / f"{name}.png")
     gen.merge_shards(npz_path, world, labels)
 
     overrides = {

@@ -23,14 +23,13 @@ from typing import Any
 
 from rectok.training import distributed as D
 from rectok.training.config import parse_args
+from rectok.training.decoder_stage import train_decoder
 from rectok.training.dit_stage import train_dit
-from rectok.training.latents import CachedMoments
 from rectok.training.reports import write_summary
 from rectok.training.runtime import NonFiniteLossError, Run
-from rectok.training.tokenizer_stage import load_tokenizer, train_tokenizer
+from rectok.training.tokenizer_stage import train_tokenizer
 
-# The helpers tests and notebooks reach through this script.
-__all__ = ["CachedMoments", "NonFiniteLossError", "load_tokenizer", "main"]
+STAGES = {"tokenizer": train_tokenizer, "decoder": train_decoder, "dit": train_dit}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
     run = Run(cfg)
     try:
-        result = train_dit(cfg, run) if cfg.stage == "dit" else train_tokenizer(cfg, run)
+        result = STAGES[cfg.stage](cfg, run)
         write_summary(run, cfg, result)
         return result
     finally:

@@ -49,7 +49,7 @@ import common  # noqa: E402
 from rectok import kernels  # noqa: E402
 from rectok.environment import device_name, environment  # noqa: E402
 from rectok.models.dit import DiTDH, dit_config
-from rectok.models.tokenizer import RecTok, make_config
+from rectok.models.tokenizer import RecTok, tokenizer_config
 
 MODES = ("eager", "compile", "ours", "compile+ours")
 PARTS = ("train", "sample", "data")
@@ -92,7 +92,7 @@ def tokenizer_case(device: torch.device) -> TrainCase:
     from rectok.training.optim import build_adamw
 
     on_gpu = gpu(device)
-    base = make_config(
+    base = tokenizer_config(
         "rectok-B" if on_gpu else "rectok-tiny", mask_ratio_min=MASK_RATIO, mask_ratio_max=MASK_RATIO
     )
     teacher_name = "DINOv3 ViT-L/16 (random)" if on_gpu else "tiny teacher"
@@ -275,7 +275,7 @@ def sample_rows(modes: Sequence[str], ctx: Bench) -> list[dict]:
     device, on_gpu = ctx.device, gpu(ctx.device)
     torch.manual_seed(0)
     with device:
-        tok = RecTok(make_config("rectok-B" if on_gpu else "rectok-tiny", semantic_dim=0))
+        tok = RecTok(tokenizer_config("rectok-B" if on_gpu else "rectok-tiny", semantic_dim=0))
         C, g = tok.cfg.token_channels, tok.cfg.grid_size
         if on_gpu:
             dit, weak = (DiTDH(dit_config(p, in_channels=C, grid_size=g)) for p in ("dit-dh-xl", "dit-dh-s"))

@@ -52,11 +52,11 @@ def test_train_step(benchmark, name, mode):
 
 
 def test_sample_step(benchmark):
-    from rectok.models.tokenizer import RecTok, make_config
+    from rectok.models.tokenizer import RecTok, tokenizer_config
     from rectok.sampling.generate import Sampler, SamplerConfig, index_noise
 
     on_gpu = DEVICE.type == "cuda"
-    tok = RecTok(make_config("rectok-B" if on_gpu else "rectok-tiny", semantic_dim=0))
+    tok = RecTok(tokenizer_config("rectok-B" if on_gpu else "rectok-tiny", semantic_dim=0))
     C, g = tok.cfg.token_channels, tok.cfg.grid_size
     presets = ("dit-dh-xl", "dit-dh-s") if on_gpu else ("dit-dh-tiny", "dit-dh-tiny")
     dit, weak = (model_bench.DiTDH(model_bench.dit_config(p, in_channels=C, grid_size=g)) for p in presets)

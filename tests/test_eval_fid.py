@@ -460,7 +460,7 @@ class ShiftTokenizer(torch.nn.Module):
 def test_rfid_of_reconstructions_agrees_with_torch_fidelity(calibrated, tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from rectok.eval.image_metrics import to_uint8
+    from rectok.sampling.images import to_uint8
 
     weights, dir_a, _ = calibrated
     originals = np.load(dir_a.parent / "A.npz")["arr_0"][:8]  # uint8 [8, 64, 64, 3]

@@ -19,8 +19,9 @@ from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from rectok.eval.image_metrics import psnr, ssim, to_uint8
+from rectok.eval.image_metrics import psnr, ssim
 from rectok.eval.reconstruction import evaluate_reconstruction
+from rectok.sampling.images import to_uint8
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -168,11 +169,11 @@ def test_reconstruction_rejects_empty_loader():
 def test_recon_cli_on_tiny_official_checkpoint(tmp_path):
     from rectok.checkpoints.official import save_official
     from rectok.eval.cli import main
-    from rectok.models.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import RecTok, tokenizer_config
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
-    save_official(build_tokenizer("rectok-tiny"), ckpt)
+    save_official(RecTok(tokenizer_config("rectok-tiny")), ckpt)
     (tmp_path / "val" / "n01").mkdir(parents=True)
     photo = skdata.astronaut()
     for i in range(3):
@@ -190,10 +191,10 @@ def test_recon_cli_on_tiny_official_checkpoint(tmp_path):
     assert saved["meta"]["checkpoint"] == str(ckpt)
 
     # the numbers are those of the tokenizer on the ADM center crops, computed directly
-    from rectok.checkpoints.official import load_tokenizer
+    from rectok.checkpoints.official import load_official_tokenizer
     from rectok.eval.image_io import LabelledImageFolder
 
-    tok = load_tokenizer(ckpt).eval()
+    tok = load_official_tokenizer(ckpt).eval()
     x = torch.stack([LabelledImageFolder(tmp_path / "val", 64)[i][0] for i in range(3)])
     rec = tok.decode(tok.encode(x).mean)  # RecTok's own [0, 1] reconstruction of the posterior mean
     assert saved["metrics"]["PSNR"] == pytest.approx(psnr(x * 0.5 + 0.5, rec).mean().item(), rel=1e-5)

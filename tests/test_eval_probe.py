@@ -191,11 +191,11 @@ def test_markdown_table_marks_missing_taus():
 def test_probe_cli_on_tiny_official_checkpoint(tmp_path):
     from rectok.checkpoints.official import save_official
     from rectok.eval.cli import main
-    from rectok.models.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import RecTok, tokenizer_config
 
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.safetensors"
-    save_official(build_tokenizer("rectok-tiny"), ckpt)
+    save_official(RecTok(tokenizer_config("rectok-tiny")), ckpt)
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         for k, colour in enumerate(((200, 30, 30), (30, 30, 200))):

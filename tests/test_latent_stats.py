@@ -40,11 +40,11 @@ def one_thread():
 def tokenizer(tmp_path_factory) -> Path:
     """A random rectok-tiny tokenizer (64 px, C = 16) in the official layout."""
     from rectok.checkpoints.official import save_official
-    from rectok.models.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import RecTok, tokenizer_config
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tok") / "tok.safetensors"
-    save_official(build_tokenizer("rectok-tiny"), path)
+    save_official(RecTok(tokenizer_config("rectok-tiny")), path)
     return path
 
 

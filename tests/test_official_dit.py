@@ -6,8 +6,8 @@ Proves, against the official fixtures (../shared/fixtures/official, float32 on C
   1e-5 * max(1, max|ref|);
 - time_grid and euler_sample reproduce the official time grid and the three sampler
   results (no guidance, AutoGuidance w = 1.29, CFG w = 1.29) to the same tolerance;
-- dit_to_official inverts load_dit exactly, also through save_official to .safetensors
-  and .pth and rectok.checkpoints.official.load_dit;
+- dit_to_official inverts dit_from_official exactly, also through save_official to .safetensors
+  and .pth and rectok.checkpoints.official.load_official_dit;
 - broken checkpoints (missing, unexpected, mis-shaped entries, a RoPE that does not fit)
   fail with a ValueError naming the problem.
 """
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from rectok.checkpoints import official
-from rectok.checkpoints.official_dit import dit_to_official, infer_config, load_dit
+from rectok.checkpoints.official_dit import dit_from_official, dit_to_official, infer_config
 from rectok.models.dit import DiTDH, DiTDHConfig
 from rectok.sampling.euler import euler_sample, time_grid
 
@@ -47,8 +47,8 @@ def _meta(folder: Path) -> dict:
 
 def _models(folder: Path) -> tuple[DiTDH, DiTDH]:
     return (
-        load_dit(_state(folder, "dit_dh_tiny_official_state")),
-        load_dit(_state(folder, "dit_dh_tiny_weak_official_state")),
+        dit_from_official(_state(folder, "dit_dh_tiny_official_state")),
+        dit_from_official(_state(folder, "dit_dh_tiny_weak_official_state")),
     )
 
 
@@ -116,7 +116,7 @@ def test_sampler_parity(official_fixtures, name, guidance):
 
 def test_dit_to_official_is_exact_inverse(official_fixtures):
     state = _state(official_fixtures, "dit_dh_tiny_official_state")
-    back = dit_to_official(load_dit(state))
+    back = dit_to_official(dit_from_official(state))
     assert set(back) == set(state)
     for key, value in state.items():
         assert torch.equal(back[key], value), key
@@ -125,13 +125,13 @@ def test_dit_to_official_is_exact_inverse(official_fixtures):
 @pytest.mark.parametrize("fmt", ["dict", ".safetensors", ".pth"])
 def test_round_trip_through_official_files(official_fixtures, tmp_path, fmt):
     io = _io(official_fixtures)
-    model = load_dit(_state(official_fixtures, "dit_dh_tiny_weak_official_state"))
+    model = dit_from_official(_state(official_fixtures, "dit_dh_tiny_weak_official_state"))
     if fmt == "dict":
         src = dit_to_official(model)
     else:
         src = tmp_path / f"dit{fmt}"
         official.save_official(model, src)
-    again = official.load_dit(src)
+    again = official.load_official_dit(src)
     assert again.config == model.config
     with torch.no_grad():
         assert torch.equal(again(io["x"], io["t"], io["y"]), model(io["x"], io["t"], io["y"]))
@@ -146,8 +146,8 @@ def test_heads_without_rope_buffers(official_fixtures):
         if "feat_rope" not in k
     }
     with pytest.raises(ValueError, match="num_heads"):
-        load_dit(state)  # width 128 is not an official size
-    model = load_dit(state, num_heads=(2, 3))
+        dit_from_official(state)  # width 128 is not an official size
+    model = dit_from_official(state, num_heads=(2, 3))
     with torch.no_grad():
         _check("net_out (no rope buffers)", model(io["x"], io["t"], io["y"]), io["net_out"])
 
@@ -166,8 +166,8 @@ def test_equal_widths_need_depth():
     state = dit_to_official(model)
     assert "s_projector.weight" not in state
     with pytest.raises(ValueError, match="depth"):
-        load_dit(state)
-    assert load_dit(state, depth=(2, 1)).config == model.config
+        dit_from_official(state)
+    assert dit_from_official(state, depth=(2, 1)).config == model.config
 
 
 def _broken(state: dict[str, torch.Tensor], kind: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -194,10 +194,10 @@ def test_broken_checkpoints_fail_clearly(official_fixtures, tmp_path, kind):
     state, culprit = _broken(_state(official_fixtures, "dit_dh_tiny_official_state"), kind)
     heads = (4, 3) if kind == "rope_mismatch" else None
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
-        load_dit(state, num_heads=heads)
+        dit_from_official(state, num_heads=heads)
     path = tmp_path / "broken.safetensors"
     from safetensors.torch import save_file
 
     save_file(state, str(path))
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
-        official.load_dit(path, num_heads=heads)
+        official.load_official_dit(path, num_heads=heads)

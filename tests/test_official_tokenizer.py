@@ -4,7 +4,7 @@ official-layout checkpoints load, save and fail cleanly.
 - Parity (fp32, CPU): every tensor recorded from the official code in
   tokenizer_tiny_io.safetensors is reproduced within 1e-5 * max(1, max|ref|) from
   the official-layout weights; the per-tensor max error is printed (run with -s).
-- Round trip: tokenizer_to_official -> load_tokenizer, through a dict, a .safetensors
+- Round trip: tokenizer_to_official -> load_official_tokenizer, through a dict, a .safetensors
   file and a .pth file, gives back bit-identical weights and outputs.
 - Broken checkpoints (missing / unexpected key, wrong shape, non-state-dict .pth,
   pickled custom objects, unknown widths) raise ValueError naming the problem.
@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rectok.checkpoints.official import load_tokenizer, save_official
+from rectok.checkpoints.official import load_official_tokenizer, save_official
 from rectok.checkpoints.official_tokenizer import infer_config, tokenizer_to_official
 from rectok.models import flow
-from rectok.models.tokenizer import DiagonalGaussian, build_tokenizer, tokenizer_rope_table
+from rectok.models.tokenizer import DiagonalGaussian, RecTok, tokenizer_config, tokenizer_rope_table
 
 IO_KEYS = [
     "enc_moments_eval",
@@ -46,7 +46,7 @@ def _official_run(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     """(reference tensors, our tensors) for the tiny official tokenizer; computed once per session."""
     meta = json.loads((folder / "meta.json").read_text())["tokenizer_tiny"]
     io = load_file(str(folder / "tokenizer_tiny_io.safetensors"))
-    model = load_tokenizer(folder / "tokenizer_tiny_official_state.safetensors").eval()
+    model = load_official_tokenizer(folder / "tokenizer_tiny_official_state.safetensors").eval()
     cfg = model.cfg
     assert (cfg.img_size, cfg.patch_size, cfg.token_channels, cfg.semantic_dim) == (
         meta["img_size"],
@@ -90,14 +90,14 @@ def test_parity_with_official(official_fixtures: Path, key: str) -> None:
 
 def test_encoder_rope_buffer_is_the_reference_table(official_fixtures: Path) -> None:
     io, _ = _official_run(official_fixtures)
-    model = load_tokenizer(official_fixtures / "tokenizer_tiny_official_state.safetensors")
+    model = load_official_tokenizer(official_fixtures / "tokenizer_tiny_official_state.safetensors")
     assert torch.equal(model.encoder.rope_table, io["rope_table"])
 
 
 def _random_tiny(seed: int = 0):
     """rectok-tiny with every tensor random, so that a dropped or swapped tensor shows."""
     torch.manual_seed(seed)
-    model = build_tokenizer("rectok-tiny").eval()
+    model = RecTok(tokenizer_config("rectok-tiny")).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 and p.shape[0] == 192 else 0.0))
@@ -122,7 +122,7 @@ def _assert_same_model(a, b) -> None:
 
 
 def test_official_layout_key_names() -> None:
-    model = build_tokenizer("rectok-tiny")
+    model = RecTok(tokenizer_config("rectok-tiny"))
     state = tokenizer_to_official(model)
     assert len(state) == len(model.state_dict())
     for key in (
@@ -143,7 +143,7 @@ def test_official_layout_key_names() -> None:
 
 def test_fixture_checkpoint_has_exactly_our_keys(official_fixtures: Path) -> None:
     ref = load_file(str(official_fixtures / "tokenizer_tiny_official_state.safetensors"))
-    ours = tokenizer_to_official(build_tokenizer("rectok-tiny"))
+    ours = tokenizer_to_official(RecTok(tokenizer_config("rectok-tiny")))
     assert ours.keys() == ref.keys()
     assert all(ours[k].shape == ref[k].shape for k in ref)
 
@@ -157,13 +157,13 @@ def test_round_trip(tmp_path: Path, via: str) -> None:
         src = tmp_path / f"tok.{via}"
         save_official(model, src)
         assert not list(tmp_path.glob("*.tmp")), "save_official left a temporary file"
-    _assert_same_model(model, load_tokenizer(src).eval())
+    _assert_same_model(model, load_official_tokenizer(src).eval())
 
 
 def test_round_trip_without_semantic_decoder_and_other_channels() -> None:
     torch.manual_seed(1)
-    model = build_tokenizer("rectok-tiny", semantic_dim=0, token_channels=32)
-    loaded = load_tokenizer(tokenizer_to_official(model))
+    model = RecTok(tokenizer_config("rectok-tiny", semantic_dim=0, token_channels=32))
+    loaded = load_official_tokenizer(tokenizer_to_official(model))
     assert loaded.semantic_decoder is None and loaded.cfg.token_channels == 32
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
@@ -173,14 +173,14 @@ def test_teacher_weights_are_skipped(caplog: pytest.LogCaptureFixture) -> None:
     state = tokenizer_to_official(model)
     state["sem_foundation_models.dinov3.embeddings.patch_embeddings.weight"] = torch.zeros(4, 3, 2, 2)
     with caplog.at_level(logging.INFO, logger="rectok.checkpoints.official_tokenizer"):
-        loaded = load_tokenizer(state)
+        loaded = load_official_tokenizer(state)
     assert "sem_foundation_models" in caplog.text
     _assert_same_model(model.eval(), loaded.eval())
 
 
 def test_inferred_config_of_official_base_sizes() -> None:
     with torch.device("meta"):
-        model = build_tokenizer("rectok-B")
+        model = RecTok(tokenizer_config("rectok-B"))
     state = tokenizer_to_official(model)
     assert infer_config(state) == model.cfg
     assert infer_config(state, num_heads=6).encoder_heads == 6
@@ -190,21 +190,21 @@ def test_missing_key() -> None:
     state = tokenizer_to_official(_random_tiny())
     del state["decoder.transformer.1.mlp.w3.bias"]
     with pytest.raises(ValueError, match=r"missing keys \['decoder.transformer.1.mlp.w3.bias'\]"):
-        load_tokenizer(state)
+        load_official_tokenizer(state)
 
 
 def test_missing_size_defining_key() -> None:
     state = tokenizer_to_official(_random_tiny())
     del state["encoder.positional_embedding"]
     with pytest.raises(ValueError, match="encoder.positional_embedding"):
-        load_tokenizer(state)
+        load_official_tokenizer(state)
 
 
 def test_unexpected_key() -> None:
     state = tokenizer_to_official(_random_tiny())
     state["encoder.sem_cls_token_embedding"] = torch.zeros(1, 1, 192)
     with pytest.raises(ValueError, match=r"unexpected keys \['encoder.sem_cls_token_embedding'\]"):
-        load_tokenizer(state)
+        load_official_tokenizer(state)
 
 
 def test_wrong_shape() -> None:
@@ -213,18 +213,18 @@ def test_wrong_shape() -> None:
     with pytest.raises(
         ValueError, match=r"encoder.transformer.1.attn.proj.weight: checkpoint shape \(192, 191\)"
     ):
-        load_tokenizer(state)
+        load_official_tokenizer(state)
 
 
 def test_unknown_width_needs_head_count() -> None:
     torch.manual_seed(0)
-    model = build_tokenizer(
+    model = RecTok(tokenizer_config(
         "rectok-tiny", encoder_width=96, encoder_heads=2, decoder_width=96, decoder_heads=2, semantic_dim=0
-    )
+    ))
     state = tokenizer_to_official(model)
     with pytest.raises(ValueError, match="width 96 is not in the official size table"):
-        load_tokenizer(state)
-    assert load_tokenizer(state, num_heads=2).cfg == model.cfg
+        load_official_tokenizer(state)
+    assert load_official_tokenizer(state, num_heads=2).cfg == model.cfg
 
 
 class _NotAStateDict:
@@ -238,14 +238,14 @@ def test_pth_holding_a_list(tmp_path: Path) -> None:
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], path)
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
-        load_tokenizer(path)
+        load_official_tokenizer(path)
 
 
 def test_pth_holding_a_custom_object(tmp_path: Path) -> None:
     path = tmp_path / "object.pth"
     torch.save({"model": _NotAStateDict()}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
-        load_tokenizer(path)
+        load_official_tokenizer(path)
 
 
 def test_pth_with_non_tensor_entries(tmp_path: Path) -> None:
@@ -254,9 +254,9 @@ def test_pth_with_non_tensor_entries(tmp_path: Path) -> None:
     state["encoder.latent_head.weight"] = "not a tensor"
     torch.save({"model": state}, path)
     with pytest.raises(ValueError, match="not tensors: \\['encoder.latent_head.weight'\\]"):
-        load_tokenizer(path)
+        load_official_tokenizer(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        load_tokenizer(tmp_path / "nope.safetensors")
+        load_official_tokenizer(tmp_path / "nope.safetensors")

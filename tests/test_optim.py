@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from rectok.models.tokenizer import build_tokenizer
+from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.training.ema import EMA
 from rectok.training.optim import LRSchedule, build_adamw, clip_grad_norm, param_groups, set_lr
 
@@ -26,7 +26,7 @@ def _names(model: nn.Module, group: dict) -> set[str]:
 
 
 def test_param_groups_on_the_tokenizer():
-    tok = build_tokenizer("rectok-tiny")
+    tok = RecTok(tokenizer_config("rectok-tiny"))
     tok.semantic_decoder.requires_grad_(False)
     groups = param_groups(tok, weight_decay=1e-4)
     no_decay, decay = (_names(tok, g) for g in groups)

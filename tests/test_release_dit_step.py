@@ -35,9 +35,9 @@ from release_fixtures import fixture_path, relative_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rectok.checkpoints.official_dit import dit_to_official, load_dit
+from rectok.checkpoints.official_dit import dit_from_official, dit_to_official
 from rectok.models import flow
-from rectok.training.config import make_config
+from rectok.training.config import train_config
 from rectok.training.dit_stage import DiTDraws, flow_matching_loss
 from rectok.training.ema import EMA
 from rectok.training.optim import build_adamw, set_lr
@@ -64,7 +64,7 @@ def _fixture() -> tuple[dict[str, torch.Tensor], dict]:
 def _replay(official_state: str) -> dict:
     """Our two steps from the official weights with the release's draws; what the tests compare."""
     ref, info = _fixture()
-    dit = load_dit(load_file(official_state)).train()
+    dit = dit_from_official(load_file(official_state)).train()
     dit.label_dropout = info["label_drop_prob"]
     grid, channels = dit.config.grid_size, dit.config.in_channels
     shift = flow.timestep_shift(grid, grid, channels)  # what train_dit uses when --dit.time_shift is unset
@@ -98,7 +98,7 @@ def _replay(official_state: str) -> dict:
                 bound = torch.where(v_hat > 0, group["lr"] * GRAD_RTOL * den.max() / den, 0.0)
                 adam_bound[key] = adam_bound.get(key, 0) + bound.reshape(start[key].shape)
     out["params"] = dit_to_official(dit)
-    ema_dit = load_dit(load_file(official_state))
+    ema_dit = dit_from_official(load_file(official_state))
     ema.copy_to(ema_dit)
     out["ema"] = dit_to_official(ema_dit)
     out["adam_bound"] = adam_bound
@@ -153,7 +153,7 @@ def test_default_recipe_is_the_release_recipe():
     rel = info["release_recipe"]
     assert rel["ditdh_sched"] and rel["lr_sched"] == "linear"
     for preset in ("dit-dh-xl", "dit-dh-s"):
-        cfg = make_config("dit", preset, dit__tokenizer_ckpt="tok.pt")  # required, not read here
+        cfg = train_config("dit", preset, dit__tokenizer_ckpt="tok.pt")  # required, not read here
         o = cfg.optim
         ours = {
             "lr": cfg.base_lr(),

@@ -244,9 +244,9 @@ class Stage1:
     no DDP), starting from the official tiny tokenizer, with the fixture's optimiser settings."""
 
     def __init__(self, teacher, perceptual, *, lr_peak=1e-3, weight_decay=0.05) -> None:
-        from rectok.checkpoints.official import load_tokenizer
+        from rectok.checkpoints.official import load_official_tokenizer
 
-        self.tok = load_tokenizer(official_tokenizer_state()).train()
+        self.tok = load_official_tokenizer(official_tokenizer_state()).train()
         self.before = {k: v.clone() for k, v in self.tok.state_dict().items()}
         self.teacher, self.perceptual = teacher, perceptual
         self.disc = DiscriminatorLoss(fresh_discriminator())

@@ -18,7 +18,7 @@ from torch import nn
 
 from rectok.checkpoints import store
 from rectok.checkpoints.official import save_official
-from rectok.models.tokenizer import build_tokenizer
+from rectok.models.tokenizer import RecTok, tokenizer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_written_files_follow_the_umask(tmp_path, umask_022):
     model = nn.Linear(4, 4)
     path = store.save_checkpoint(tmp_path, {"model": model.state_dict(), "step": 1}, step=1, keep_last=0)
     store.export_safetensors(tmp_path / "weights.safetensors", model.state_dict(), {"kind": "test"}, step=1)
-    tok = build_tokenizer("rectok-tiny")
+    tok = RecTok(tokenizer_config("rectok-tiny"))
     save_official(tok, tmp_path / "official.safetensors")
     save_official(tok, tmp_path / "official.pt")
     for p in (path, tmp_path / store.MANIFEST, tmp_path / store.LATEST, tmp_path / "weights.safetensors",

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from rectok.checkpoints import loading, store
 from rectok.models.dit import DiTDH, dit_config
-from rectok.models.tokenizer import RecTok, make_config
+from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.sampling import generate as gen
 from rectok.training.ema import EMA
 
@@ -52,7 +52,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def _models():
-    tok = _perturb(RecTok(make_config("rectok-tiny", semantic_dim=0)), 1)
+    tok = _perturb(RecTok(tokenizer_config("rectok-tiny", semantic_dim=0)), 1)
     dit = _perturb(DiTDH(dit_config("dit-dh-tiny", in_channels=C, grid_size=GRID, num_classes=CLASSES)), 2)
     weak_cfg = dit_config(
         "dit-dh-tiny",
@@ -193,7 +193,7 @@ def test_official_dit_reproduces_the_official_sampler(official_fixtures):
     weak = loading.load_dit(official_fixtures / "dit_dh_tiny_weak_official_state.safetensors")
     assert dit.layout == "official" and dit.latent_stats is None
     c, grid = dit.model.config.in_channels, dit.model.config.grid_size
-    tok = RecTok(make_config("rectok-tiny", img_size=grid * 16, token_channels=c, semantic_dim=0))
+    tok = RecTok(tokenizer_config("rectok-tiny", img_size=grid * 16, token_channels=c, semantic_dim=0))
     identity = (torch.zeros(c), torch.ones(c))
     for guidance, key, w in (
         ("autoguidance", "sample_euler_autoguidance", weak.model),
@@ -208,7 +208,7 @@ def test_official_dit_reproduces_the_official_sampler(official_fixtures):
 
 
 def test_official_models_need_latent_statistics(official_fixtures, tmp_path):
-    tok = RecTok(make_config("rectok-tiny", img_size=128, token_channels=128, semantic_dim=0))
+    tok = RecTok(tokenizer_config("rectok-tiny", img_size=128, token_channels=128, semantic_dim=0))
     tok_path = store.export_safetensors(tmp_path / "tok.safetensors", tok.state_dict(), tok.cfg.to_dict())
     dit = official_fixtures / "dit_dh_tiny_official_state.safetensors"
     argv = ["--dit", str(dit), "--tokenizer", str(tok_path), "--num-points", "2", "--num-samples", "1"]
@@ -274,7 +274,7 @@ def test_sampler_config_rejects_bad_values():
         gen.Sampler(dit, tok, stats, gen.SamplerConfig(guidance="autoguidance"))
     with pytest.raises(ValueError, match="CUDA"):
         gen.Sampler(dit, tok, stats, gen.SamplerConfig(cuda_graph="on"))
-    bad = replace(make_config("rectok-tiny", semantic_dim=0), token_channels=8)
+    bad = replace(tokenizer_config("rectok-tiny", semantic_dim=0), token_channels=8)
     with pytest.raises(ValueError, match="pair models"):
         gen.Sampler(dit, RecTok(bad), stats, gen.SamplerConfig())
 

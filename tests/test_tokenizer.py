@@ -27,9 +27,8 @@ from rectok.models.tokenizer import (
     DiagonalGaussian,
     RecTok,
     RecTokConfig,
-    build_tokenizer,
     insert_mask_tokens,
-    make_config,
+    tokenizer_config,
     tokenizer_rope_table,
     with_channels,
 )
@@ -38,7 +37,7 @@ from rectok.models.tokenizer import (
 @pytest.fixture(scope="module")
 def tiny() -> RecTok:
     torch.manual_seed(0)
-    model = build_tokenizer("rectok-tiny").eval()
+    model = RecTok(tokenizer_config("rectok-tiny")).eval()
     with torch.no_grad():  # non-trivial mask tokens and norm weights so that every path matters
         for p in model.parameters():
             if p.ndim <= 1 or p.shape[:2] == (1, 1):
@@ -86,7 +85,7 @@ def _count(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("channels", [16, 128])
 def test_rectok_b_parameter_count_on_meta_device(channels: int) -> None:
     with torch.device("meta"):
-        model = build_tokenizer("rectok-B", token_channels=channels)
+        model = RecTok(tokenizer_config("rectok-B", token_channels=channels))
     assert all(p.is_meta for p in model.parameters())
     enc, dec, sem = _expected_params(model.cfg)
     assert (_count(model.encoder), _count(model.pixel_decoder), _count(model.semantic_decoder)) == (
@@ -108,8 +107,8 @@ def test_presets_and_overrides() -> None:
     assert (b.semantic_width, b.semantic_depth, b.semantic_heads, b.semantic_dim) == (192, 3, 4, 1024)
     assert b.shift == pytest.approx(math.sqrt(8.0))
     assert with_channels(b, 16).shift == pytest.approx(1.0)
-    assert make_config("rectok-tiny").shift == pytest.approx(0.25)
-    assert make_config("rectok-B", timestep_shift=3.0).shift == 3.0
+    assert tokenizer_config("rectok-tiny").shift == pytest.approx(0.25)
+    assert tokenizer_config("rectok-B", timestep_shift=3.0).shift == 3.0
     assert RecTokConfig.from_dict(b.to_dict()) == b
 
 
@@ -125,19 +124,19 @@ def test_presets_and_overrides() -> None:
 )
 def test_config_validation(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_config("rectok-B", **overrides)
+        tokenizer_config("rectok-B", **overrides)
 
 
 def test_unknown_preset_and_field() -> None:
     with pytest.raises(ValueError, match="unknown tokenizer preset"):
-        make_config("rectok-Z")
+        tokenizer_config("rectok-Z")
     with pytest.raises(ValueError, match="unknown RecTokConfig fields"):
         RecTokConfig.from_dict({"width": 3})
 
 
 def test_initialisation() -> None:
     torch.manual_seed(0)
-    model = build_tokenizer("rectok-B", encoder_depth=1, decoder_depth=1)
+    model = RecTok(tokenizer_config("rectok-B", encoder_depth=1, decoder_depth=1))
     qkv = model.encoder.blocks[0].attn.qkv
     assert qkv.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert torch.count_nonzero(qkv.bias) == 0 and torch.count_nonzero(model.pixel_decoder.conv_out.bias) == 0

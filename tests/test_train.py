@@ -28,8 +28,10 @@ import pytest
 import torch
 from conftest import load_script
 
-from rectok.checkpoints import store
+from rectok.checkpoints import loading, store
 from rectok.training.config import from_dict
+from rectok.training.latents import CachedMoments
+from rectok.training.runtime import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,13 +151,13 @@ def test_dit_stage_with_latent_cache_replays_the_image_loader(stage1, data, tmp_
     # image loader yields for the same epoch (same order, same flips), up to float16 storage.
     from rectok.data.loading import build_loader
 
-    tok, _ = train.load_tokenizer(run_dir, torch.device("cpu"))
+    tok = loading.load_tokenizer(run_dir).model
     tok.eval()
     cache = next((tmp_path / "latent_cache").glob("moments_*.npy"))
     images = build_loader(
         data, split="train", batch_size=4, image_size=64, train=True, hflip=True, num_workers=0
     )
-    cached = train.CachedMoments(cache, images.samples.labels, 4, 0, 1, seed=0, hflip=True)
+    cached = CachedMoments(cache, images.samples, 4, 0, 1, seed=0, hflip=True)
     for epoch in (0, 1):
         images.set_epoch(epoch)
         cached.set_epoch(epoch)
@@ -208,7 +210,7 @@ def test_nonfinite_loss_skips_update_counts_and_stops(data, tmp_path):
         assert torch.equal(value, clean["ema"].params[name]), name
     assert json.loads((tmp_path / "nan" / "metrics.json").read_text())["nonfinite_steps"] == 1
 
-    with pytest.raises(train.NonFiniteLossError, match="2 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
         train.main(
             _args(
                 data,
@@ -309,7 +311,7 @@ def test_missing_inputs_and_unwritable_run_dir_are_one_clear_line(data, tmp_path
 
 
 def test_config_presets_overrides_and_batch_geometry(tmp_path):
-    from rectok.training.config import make_config, parse_args
+    from rectok.training.config import parse_args, train_config
 
     s1 = parse_args(["--stage", "tokenizer", "--preset", "rectok-B"])
     assert s1.base_lr() == pytest.approx(4e-4)  # 1e-4 * 1024 / 256
@@ -320,9 +322,9 @@ def test_config_presets_overrides_and_batch_geometry(tmp_path):
         0.999,
     )
     assert s1.grad_accum(world_size=8) == 2 and s1.grad_accum(world_size=16) == 1  # global 1024, 64 per GPU
-    s2 = make_config("decoder", "rectok-B", tok__init_from="runs/x")
+    s2 = train_config("decoder", "rectok-B", tok__init_from="runs/x")
     assert s2.base_lr() == pytest.approx(2e-4) and s2.loss.kl == 0 and s2.loss.gan_start_epoch == 0
-    xl = make_config("dit", "dit-dh-xl", dit__tokenizer_ckpt="t.pt")
+    xl = train_config("dit", "dit-dh-xl", dit__tokenizer_ckpt="t.pt")
     o = xl.optim
     assert (o.schedule, o.lr, o.min_lr, o.hold_epochs, o.decay_end_epochs) == (
         "const_linear",
@@ -332,7 +334,7 @@ def test_config_presets_overrides_and_batch_geometry(tmp_path):
         800,
     )
     assert (o.weight_decay, o.grad_clip, o.ema_decay, xl.epochs) == (0.0, 1.0, 0.9995, 80)
-    assert make_config("dit", "dit-dh-s", dit__tokenizer_ckpt="t.pt").dit.preset == "dit-dh-s"
+    assert train_config("dit", "dit-dh-s", dit__tokenizer_ckpt="t.pt").dit.preset == "dit-dh-s"
     # defaults -> preset -> JSON file -> command line; --lr is the unique alias of --optim.lr
     (tmp_path / "c.json").write_text(json.dumps({"optim": {"lr": 0.5, "beta2": 0.9}, "seed": 3}))
     cfg = parse_args(["--config", str(tmp_path / "c.json"), "--lr", "0.25", "--compile"])
@@ -340,7 +342,7 @@ def test_config_presets_overrides_and_batch_geometry(tmp_path):
     with pytest.raises(ValueError, match="world size 3"):
         s1.grad_accum(world_size=3)
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
-        make_config("tokenizer", "tiny", optim__lrr=1.0)
+        train_config("tokenizer", "tiny", optim__lrr=1.0)
 
 
 def _free_port() -> int:
@@ -419,12 +421,12 @@ def test_torchrun_fsdp_dit_two_gloo_ranks(stage1, data, tmp_path):
 
 def test_latent_cache_tag_follows_tokenizer_weights_and_data(tmp_path):
     """The latent cache is shared by identical runs and never reused with other weights or data."""
-    from rectok.models.tokenizer import build_tokenizer
+    from rectok.models.tokenizer import RecTok, tokenizer_config
     from rectok.training.latents import latent_cache_tag
 
     torch.manual_seed(0)
-    tok = build_tokenizer("rectok-tiny")
-    twin = build_tokenizer("rectok-tiny")
+    tok = RecTok(tokenizer_config("rectok-tiny"))
+    twin = RecTok(tokenizer_config("rectok-tiny"))
     twin.load_state_dict(tok.state_dict())
     assert latent_cache_tag(tok, tmp_path) == latent_cache_tag(twin, tmp_path)
     assert latent_cache_tag(tok, tmp_path) != latent_cache_tag(tok, tmp_path / "other")

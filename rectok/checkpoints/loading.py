@@ -185,14 +185,14 @@ def _strict_load(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     model.load_state_dict(state, strict=True)
 
 
-def tokenizer_config(config: Mapping[str, Any], path: Path) -> RecTokConfig:
+def saved_tokenizer_config(config: Mapping[str, Any], path: Path) -> RecTokConfig:
     """The RecTokConfig stored with our checkpoints, without the semantic decoder (inference only)."""
     if "encoder_width" not in config:
         raise ValueError(f"{path}: its config is not a tokenizer config (keys {sorted(config)[:12]})")
     return replace(RecTokConfig.from_dict(dict(config)), semantic_dim=0)
 
 
-def dit_model_config(config: Mapping[str, Any], path: Path) -> DiTDHConfig:
+def saved_dit_config(config: Mapping[str, Any], path: Path) -> DiTDHConfig:
     """The DiTDHConfig stored with our checkpoints."""
     if "hidden_size" not in config:
         raise ValueError(f"{path}: its config is not a DiT^DH config (keys {sorted(config)[:12]})")
@@ -222,11 +222,11 @@ def load_tokenizer(
     state, config, extra = _read(path, what, use_ema, keep_ema, verify)
     _finite(state, what, path)
     if config is None:
-        from rectok.checkpoints.official import load_tokenizer as load_official
+        from rectok.checkpoints.official import load_official_tokenizer
 
-        model = load_official(state)
+        model = load_official_tokenizer(state)
         return Loaded(model.eval(), path, "official")
-    cfg = tokenizer_config(config, path)
+    cfg = saved_tokenizer_config(config, path)
     model = RecTok(cfg)
     state = {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
     _strict_load(model, state, path)
@@ -243,11 +243,11 @@ def load_dit(
     state, config, extra = _read(path, what, use_ema, verify=verify)
     _finite(state, what, path)
     if config is None:
-        from rectok.checkpoints.official import load_dit as load_official
+        from rectok.checkpoints.official import load_official_dit
 
-        model = load_official(state)
+        model = load_official_dit(state)
         return Loaded(model.eval(), path, "official")
     stats = _stats_from(extra)
-    model = DiTDH(dit_model_config(config, path))
+    model = DiTDH(saved_dit_config(config, path))
     _strict_load(model, state, path)
     return Loaded(model.eval(), path, "ours", dict(config), stats, extra)

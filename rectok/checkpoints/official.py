@@ -56,14 +56,18 @@ def read_state_dict(src: StateSource) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_tokenizer(src: StateSource, *, num_heads: int | None = None, semantic_num_heads: int | None = None):
+def load_official_tokenizer(
+    src: StateSource, *, num_heads: int | None = None, semantic_num_heads: int | None = None
+):
     """A RecTok tokenizer built and filled from an official-layout checkpoint (sizes inferred)."""
-    from .official_tokenizer import load_tokenizer as _load
+    from .official_tokenizer import tokenizer_from_official
 
-    return _load(read_state_dict(src), num_heads=num_heads, semantic_num_heads=semantic_num_heads)
+    return tokenizer_from_official(
+        read_state_dict(src), num_heads=num_heads, semantic_num_heads=semantic_num_heads
+    )
 
 
-def load_dit(
+def load_official_dit(
     src: StateSource,
     *,
     num_heads: int | tuple[int, int] | None = None,
@@ -74,9 +78,9 @@ def load_dit(
     `depth` = (trunk, head) is needed only when both widths are equal (the split is then
     not visible in the tensor shapes).
     """
-    from .official_dit import load_dit as _load
+    from .official_dit import dit_from_official
 
-    return _load(read_state_dict(src), num_heads=num_heads, depth=depth)
+    return dit_from_official(read_state_dict(src), num_heads=num_heads, depth=depth)
 
 
 def save_official(model: nn.Module, path: str | os.PathLike) -> None:

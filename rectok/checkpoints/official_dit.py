@@ -152,7 +152,7 @@ def infer_config(
     )
 
 
-def load_dit(
+def dit_from_official(
     state: Mapping[str, torch.Tensor],
     *,
     num_heads: int | tuple[int, int] | None = None,

@@ -147,7 +147,7 @@ def infer_config(
     return RecTokConfig(**fields)
 
 
-def load_tokenizer(
+def tokenizer_from_official(
     state: dict[str, torch.Tensor], *, num_heads: int | None = None, semantic_num_heads: int | None = None
 ) -> RecTok:
     """Build a RecTok from an official-layout state dict (sizes inferred) and fill it exactly."""

@@ -22,9 +22,9 @@ def _select_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    from rectok.data import dali as dali_pipeline
+    from rectok.data import dali
 
-    if device.type == "cuda" and dali_pipeline.dali_available():
+    if device.type == "cuda" and dali.dali_available():
         log.info("data backend: DALI (GPU JPEG decoding on %s)", device)
         return "dali"
     why = "no CUDA device" if device.type != "cuda" else "nvidia.dali is not importable"

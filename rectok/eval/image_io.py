@@ -8,13 +8,14 @@ member, as ADM's evaluator does, so 50k 256px samples (~10 GB) never sit in memo
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from rectok.data.transforms import center_crop_arr
 
@@ -212,3 +213,21 @@ class LabelledImageFolder(Dataset):
             torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
         )  # copy: PIL views are read-only
         return x, self.labels[i]
+
+
+def first_images(loader: Iterable, max_images: int | None, desc: str, progress: bool = True) -> Iterator:
+    """(index of the batch's first image, images, labels) for the (images, labels) batches of `loader`
+    until `max_images` images (None: all), the last batch cut to fit, with a progress bar. A loader
+    that yields no image is an error."""
+    count = 0
+    with tqdm(total=max_images, desc=desc, unit="img", disable=not progress) as bar:
+        for images, labels in loader:
+            if max_images is not None:
+                if count >= max_images:
+                    break
+                images, labels = images[: max_images - count], labels[: max_images - count]
+            yield count, images, labels
+            count += len(images)
+            bar.update(len(images))
+    if count == 0:
+        raise ValueError("the loader yielded no images")

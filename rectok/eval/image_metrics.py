@@ -66,16 +66,3 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1)
-
-
-def to_uint8(images: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
-    """Images in [0, 1], [B, 3, H, W] float -> [B, H, W, 3] uint8 on the same device.
-
-    "floor" is (x * 255).to(uint8) as the official release writes its PNGs (its rFID used
-    that); "round" is round-to-nearest as ADM / DiT sampling scripts do (clamp(127.5 x + 128)).
-    """
-    if rounding not in ("floor", "round"):
-        raise ValueError(f"rounding must be 'floor' or 'round', got {rounding!r}")
-    x = images.clamp(0.0, 1.0) * 255.0
-    x = x.floor() if rounding == "floor" else x.round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()

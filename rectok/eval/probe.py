@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rectok.kernels import flow_interpolate
 
 from .fid import write_json
+from .image_io import first_images
 
 DEFAULT_TAUS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -73,27 +73,17 @@ def pooled_flow_features(
     """
     tok.eval()
     feats: dict[float, list[torch.Tensor]] = {float(t): [] for t in taus}
-    labels, count = [], 0
-    bar = tqdm(total=max_images, desc="probe features", unit="img", disable=not progress)
-    for images, y in loader:
-        if max_images is not None and count >= max_images:
-            break
+    labels = []
+    for start, images, y in first_images(loader, max_images, "probe features", progress):
         x = images.to(device)
-        if max_images is not None:
-            x, y = x[: max_images - count], y[: max_images - count]
         with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
             moments = tok.encoder(x)  # (B, L, 2C)
         z = moments[..., : moments.shape[-1] // 2].float()  # (B, L, C), posterior mean
-        eps = sample_noise(range(count, count + len(x)), tuple(z.shape[1:]), seed).to(z.device)
+        eps = sample_noise(range(start, start + len(x)), tuple(z.shape[1:]), seed).to(z.device)
         for tau in feats:
             zt = flow_interpolate(z, eps, torch.full((len(z),), tau, device=z.device))  # (B, L, C)
             feats[tau].append(zt.mean(1).cpu())  # (B, C)
         labels.append(torch.as_tensor(y, dtype=torch.long).cpu())
-        count += len(x)
-        bar.update(len(x))
-    bar.close()
-    if count == 0:
-        raise ValueError("the loader yielded no images")
     return {t: torch.cat(v) for t, v in feats.items()}, torch.cat(labels)
 
 

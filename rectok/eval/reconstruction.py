@@ -14,26 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
+
+from rectok.sampling.images import save_image_rows, to_uint8
 
 from .fid import FIDStats, fid_from_stats, write_json
-from .image_metrics import psnr, ssim, to_uint8
+from .image_io import first_images
+from .image_metrics import psnr, ssim
 from .inception import INCEPTION_PORT, POOL_FEATURES, extract_features
-
-
-def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path, pad: int = 2) -> None:
-    """PNG with originals (top row) over reconstructions (bottom row); inputs [n, 3, H, W] in [0, 1]."""
-    top, bottom = to_uint8(originals, "round").cpu().numpy(), to_uint8(recons, "round").cpu().numpy()
-    n, h, w, _ = top.shape
-    canvas = np.full((2 * h + 3 * pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        x0 = pad + i * (w + pad)
-        canvas[pad : pad + h, x0 : x0 + w] = top[i]
-        canvas[2 * pad + h : 2 * pad + 2 * h, x0 : x0 + w] = bottom[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
 
 
 @torch.no_grad()
@@ -69,13 +56,8 @@ def evaluate_reconstruction(
     count = 0
     rec_feats, ref_feats = [], []
     grid_orig, grid_rec = [], []
-    bar = tqdm(total=max_images, desc="reconstruct", unit="img", disable=not progress)
-    for images, _labels in loader:
-        if max_images is not None and count >= max_images:
-            break
+    for start, images, _labels in first_images(loader, max_images, "reconstruct", progress):
         x = images.to(device)
-        if max_images is not None:
-            x = x[: max_images - count]
         with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
             rec = tok.reconstruct(x)
         orig = torch.clamp(x.float() * 0.5 + 0.5, 0.0, 1.0)
@@ -94,11 +76,7 @@ def evaluate_reconstruction(
         if sum(len(g) for g in grid_orig) < num_grid:
             grid_orig.append(orig.cpu())
             grid_rec.append(rec.cpu())
-        count += len(x)
-        bar.update(len(x))
-    bar.close()
-    if count == 0:
-        raise ValueError("the loader yielded no images")
+        count = start + len(x)
     result: dict = {
         "metrics": {"PSNR": psnr_sum / count, "SSIM": ssim_sum / count},
         "num_images": count,
@@ -123,9 +101,6 @@ def evaluate_reconstruction(
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json(result, out_dir / "reconstruction.json")
-        save_grid(
-            torch.cat(grid_orig)[:num_grid],
-            torch.cat(grid_rec)[:num_grid],
-            out_dir / "reconstruction_grid.png",
-        )
+        originals, recons = torch.cat(grid_orig)[:num_grid], torch.cat(grid_rec)[:num_grid]
+        save_image_rows([originals, recons], out_dir / "reconstruction_grid.png")  # originals on top
     return result

@@ -48,10 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rectok.models.teacher_weights import load_teacher_model, resolve_model_name
+from rectok.models.teacher_weights import TEACHERS, load_teacher_model, resolve_model_name
 
 log = logging.getLogger(__name__)
 
+TEACHER_CHOICES = (*TEACHERS, "tiny")  # the named DINO teachers, or the built-in tiny ViT
 TARGET_MODES = ("release", "clean")
 # HF DINOv3ViTConfig.pos_embed_rescale of the released checkpoints: RoPE coordinates are scaled by
 # a log-uniform factor in [1 / 2, 2] in train mode.

@@ -112,7 +112,7 @@ PRESETS: dict[str, RecTokConfig] = {
 }
 
 
-def make_config(name: str = "rectok-B", **overrides) -> RecTokConfig:
+def tokenizer_config(name: str = "rectok-B", **overrides) -> RecTokConfig:
     """Preset `name` with fields replaced by `overrides` (e.g. token_channels=32)."""
     if name not in PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -377,7 +377,3 @@ class RecTok(nn.Module):
         sem = self.semantic_decoder(z, mask.ids_restore) if self.semantic_decoder is not None else None
         return TokenizerOutput(self.pixel_decoder(z, mask.ids_restore), post, sem, mask, tau)
 
-
-def build_tokenizer(name: str = "rectok-B", **overrides) -> RecTok:
-    """A freshly initialised tokenizer from a preset, e.g. build_tokenizer("rectok-B", token_channels=32)."""
-    return RecTok(make_config(name, **overrides))

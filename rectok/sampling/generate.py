@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok.eval.image_metrics import to_uint8
 from rectok.models import flow
 from rectok.models.dit import DiTDH, LatentNormalizer
 from rectok.models.tokenizer import RecTok
 from rectok.sampling.euler import GUIDANCE, euler_sample
+from rectok.sampling.images import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -308,21 +308,3 @@ def merge_shards(npz_path: Path, world_size: int, labels: torch.Tensor, keep_sha
         for r in range(world_size):
             shard_path(npz_path, r, world_size).unlink(missing_ok=True)
     return npz_path
-
-
-def save_grid(images: np.ndarray, path: Path, ncol: int = 8) -> Path:
-    """uint8 [N, H, W, 3] -> one PNG with `ncol` images per row (2 px white gaps)."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    ncol = min(ncol, n)
-    nrow = -(-n // ncol)
-    pad = 2
-    canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, ncol)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y : y + h, x : x + w] = images[k]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path

@@ -38,34 +38,27 @@ def _split(root: Path, name: str) -> str | None:
 
 def train_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
     """This rank's shard of the train split: random crops and flips, reshuffled every epoch."""
+    return _shard_of_train_split(cfg, run, root, image_size, train=True)
+
+
+def encode_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
+    """This rank's shard of the train split in order: center crop, no flip (latent statistics, cache)."""
+    return _shard_of_train_split(cfg, run, root, image_size, train=False)
+
+
+def _shard_of_train_split(cfg: TrainConfig, run: Run, root: Path, image_size: int, train: bool):
     return build_loader(
         root,
         split=_split(root, "train"),
         batch_size=cfg.micro_batch,
         image_size=image_size,
-        train=True,
-        hflip=cfg.data.hflip,
+        train=train,
+        hflip=cfg.data.hflip and train,
         rank=run.info.rank,
         world_size=run.info.world_size,
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
         backend="auto",
-        device=run.device,
-    )
-
-
-def encode_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
-    """This rank's shard of the train split in order: center crop, no flip (latent statistics, cache)."""
-    return build_loader(
-        root,
-        split=_split(root, "train"),
-        batch_size=cfg.micro_batch,
-        image_size=image_size,
-        train=False,
-        hflip=False,
-        rank=run.info.rank,
-        world_size=run.info.world_size,
-        num_workers=cfg.data.num_workers,
         device=run.device,
     )
 
@@ -91,13 +84,13 @@ class HeldOut:
         )
 
 
-def held_out_images(cfg: TrainConfig, root: Path, image_size: int) -> HeldOut:
-    """`eval_images` images spread evenly over the val split (train split if there is none), center
+def held_out_images(count: int, root: Path, image_size: int) -> HeldOut:
+    """`count` images spread evenly over the val split (train split if there is none), center
     crop, no flip, [-1, 1]: the same images for every run on this dataset. Unreadable picks are
     dropped and listed in `skipped`; none readable at all is an error."""
     samples = resolve_samples(root, _split(root, "val") or _split(root, "train"))
     dataset = ImageDataset(samples, image_size=image_size, crop="center", hflip=False, on_error="drop")
-    picks = np.linspace(0, len(samples) - 1, min(cfg.data.eval_images, len(samples))).round().astype(int)
+    picks = np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int)
     images, skipped = [], []
     for i in picks:
         item = dataset[int(i)]

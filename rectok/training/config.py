@@ -30,16 +30,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from rectok.checkpoints.store import VERIFY_MODES
+from rectok.kernels.backend import BACKENDS as KERNEL_BACKENDS
+from rectok.models.flow import SCHEDULES as NOISE_SCHEDULES
+from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
+from rectok.training.distributed import DEVICES
+from rectok.training.losses import WEIGHT_MODES as PERCEPTUAL_WEIGHTS
+from rectok.training.optim import SCHEDULES as LR_SCHEDULES
+
+# The choices of the options that name a behaviour are those of the module that implements it.
 STAGES = ("tokenizer", "decoder", "dit")
 PRECISIONS = ("bf16", "fp16", "fp32")  # fp16 uses a GradScaler; bf16 and fp32 need none
-KERNEL_BACKENDS = ("auto", "triton", "torch")
-LR_SCHEDULES = ("cosine", "constant", "const_linear")
-NOISE_SCHEDULES = ("shift", "uniform", "lognorm")
-PERCEPTUAL_WEIGHTS = ("pretrained", "random")
-TEACHERS = ("dinov3", "dinov2", "tiny")
-TEACHER_TARGETS = ("release", "clean")  # rectok.teacher.TARGET_MODES
 DISTRIBUTED = ("ddp", "fsdp")
-CKPT_VERIFY = ("full", "size")  # rectok.checkpoint.VERIFY_MODES
 # Each rank seeds numpy with seed * 1000 + rank (< 1000 ranks), and numpy takes seeds below 2**32.
 MAX_SEED = (2**32 - 1000) // 1000
 
@@ -206,8 +208,8 @@ class TrainConfig:
         )
         err.choice("precision", self.precision, PRECISIONS)
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
-        err.choice("device", self.device, ("auto", "cpu", "cuda"))
-        err.choice("ckpt_verify", self.ckpt_verify, CKPT_VERIFY)
+        err.choice("device", self.device, DEVICES)
+        err.choice("ckpt_verify", self.ckpt_verify, VERIFY_MODES)
         err.check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         err.check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         err.check(
@@ -254,8 +256,8 @@ class TrainConfig:
 
         t = self.tok
         err.choice("tok.preset", t.preset, tuple(TOKENIZER_PRESETS))
-        err.choice("tok.teacher", t.teacher, TEACHERS)
-        err.choice("tok.teacher_targets", t.teacher_targets, TEACHER_TARGETS)
+        err.choice("tok.teacher", t.teacher, TEACHER_CHOICES)
+        err.choice("tok.teacher_targets", t.teacher_targets, TARGET_MODES)
         err.choice("tok.noise_schedule", t.noise_schedule, NOISE_SCHEDULES)
         err.check(t.token_channels >= 0, f"tok.token_channels must be >= 0, got {t.token_channels}")
         err.check(
@@ -537,7 +539,7 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
     return apply_overrides(TrainConfig(), _flatten(d)).validate()
 
 
-def make_config(stage: str = "tokenizer", preset: str = "tiny", **overrides: Any) -> TrainConfig:
+def train_config(stage: str = "tokenizer", preset: str = "tiny", **overrides: Any) -> TrainConfig:
     """defaults -> preset (stage, preset) -> overrides (dotted keys, or nested via "__": optim__lr)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
@@ -573,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="", help="JSON file of overrides (e.g. a saved config.json)")
     leaves = leaf_fields()
     comments = _field_comments()
-    defaults = _flatten(make_config("tokenizer", "tiny").to_dict())
+    defaults = _flatten(train_config("tokenizer", "tiny").to_dict())
     counts: dict[str, int] = {}
     for key in leaves:
         counts[key.split(".")[-1]] = counts.get(key.split(".")[-1], 0) + 1
@@ -605,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args.pop("config", None)
     stage = args.get("stage", file_overrides.get("stage", "tokenizer"))
     preset = args.get("preset", file_overrides.get("preset", "tiny"))
-    cfg = make_config(stage, preset)
+    cfg = train_config(stage, preset)
     apply_overrides(cfg, {k: v for k, v in file_overrides.items() if k not in ("stage", "preset")})
     apply_overrides(cfg, {k: v for k, v in args.items() if k not in ("stage", "preset")})
     return cfg.validate()

@@ -36,13 +36,16 @@ class DistInfo:
         return self.rank == 0
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     """Start the process group when launched by torchrun; pick this rank's device.
 
     device: "auto" (this rank's GPU if CUDA is available, else CPU), "cuda" or "cpu".
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda; got {device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is visible (use --device cpu)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

@@ -14,21 +14,14 @@ from typing import Any
 import torch
 
 from rectok import kernels
-from rectok.checkpoints import loading as model_io
-from rectok.checkpoints import store
+from rectok.checkpoints import loading, store
 from rectok.models import flow
 from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
 from rectok.models.tokenizer import DiagonalGaussian
 from rectok.sampling.euler import euler_sample
+from rectok.sampling.images import save_image_rows
 from rectok.training import distributed as D
-from rectok.training.batches import (
-    bad_image_indices,
-    data_root,
-    restore_bad_images,
-    skipped_training_images,
-    step_batches,
-    train_loader,
-)
+from rectok.training.batches import data_root, step_batches, train_loader
 from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
 from rectok.training.latents import (
@@ -38,15 +31,20 @@ from rectok.training.latents import (
     latent_statistics,
     tokenizer_fingerprint,
 )
+from rectok.training.loop import (
+    count_skipped_images,
+    periodic_hooks,
+    resume_position,
+    run_entries,
+    write_checkpoint,
+)
 from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Position, Schedule, StepMeter
-from rectok.training.reports import save_image_rows
 from rectok.training.runtime import (
     Run,
     compile_blocks,
     nonfinite_any,
     optimizer_step,
-    rng_states,
     seed_everything,
 )
 
@@ -139,7 +137,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     seed_everything(cfg.seed)
 
     # ---- frozen tokenizer (EMA weights), data, latent statistics
-    tok = model_io.load_tokenizer(
+    tok = loading.load_tokenizer(
         cfg.dit.tokenizer_ckpt, use_ema=True, hint=TOKENIZER_HINT, verify=cfg.ckpt_verify
     ).model.to(device)
     tok.eval().requires_grad_(False)
@@ -176,9 +174,8 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if cfg.dit.cache_latents:
         tag = latent_cache_tag(tok, root, tok_print)
         cache = build_latent_cache(tok, cfg, run, root, tag)
-        labels = image_loader.samples.labels
         loader = CachedMoments(
-            cache, labels, cfg.micro_batch, info.rank, info.world_size, cfg.seed, cfg.data.hflip
+            cache, image_loader.samples, cfg.micro_batch, info.rank, info.world_size, cfg.seed, cfg.data.hflip
         )
 
     # ---- model, EMA, optimizer
@@ -218,12 +215,11 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
-        pos = Position.resume(state, resume, sched, run, cfg)
-        restore_bad_images(loader, state)
+        pos = resume_position(state, resume, sched, run, cfg, loader)
 
     def save(final: bool = False) -> None:
         # Gathering the state is collective under FSDP: every rank takes part, rank 0 writes.
-        rngs, bad_images = rng_states(), bad_image_indices(loader)
+        entries = run_entries(pos, sched, run, cfg, loader)
         model_sd = D.full_state_dict(dit)
         ema_sd = _full_ema_state(ema)
         opt_sd = _full_optimizer_state(dit, opt) if fsdp else opt.state_dict()
@@ -233,18 +229,14 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "ema": ema_sd,
                 "optimizer": opt_sd,
                 "scaler": scaler.state_dict(),
-                **pos.checkpoint_entries(sched, run, cfg),
-                "rng": rngs,
-                "bad_images": bad_images,
-                "environment": run.environment,
-                "config": cfg.to_dict(),
+                **entries,
                 "model_config": asdict(dcfg),
                 "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
                 "tokenizer": str(cfg.dit.tokenizer_ckpt),
                 "tokenizer_fingerprint": tok_print,
                 "time_shift": shift,
             }
-            path = store.save_checkpoint(run.run_dir, state, pos.step, keep_last=cfg.keep_last)
+            write_checkpoint(run, state, pos.step, cfg.keep_last)
             if final and cfg.export:
                 weights = {**ema_sd["params"], **ema_sd["buffers"]}
                 store.export_safetensors(
@@ -259,7 +251,6 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                     tokenizer_fingerprint=tok_print,
                     train_config=cfg.to_dict(),
                 )
-            run.print(f"saved {path}")
         D.barrier()
 
     sample_gen = torch.Generator(device).manual_seed(1234)
@@ -314,7 +305,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         # -------- update (skipped on any rank's non-finite loss or grad norm)
         bad = nonfinite_any(loss_sum)
         gnorm, bad = optimizer_step(opt, scaler, list(dit.parameters()), cfg.optim.grad_clip, skip=bad)
-        pos.count_update(bad, cfg, run)
+        pos.count_update(bad, cfg.max_nonfinite, run)
         if not bad:
             ema.update(dit)
         pos.step += 1
@@ -326,14 +317,9 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         if step % max(cfg.log_every, 1) == 0 or step == sched.total:
             meter.log(step, {"loss": loss_mean}, lr, gnorm, pos.nonfinite_total)
         meter.update()
-        if cfg.image_every and step % cfg.image_every == 0 and step < sched.total:
-            images(f"{step:07d}")
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < sched.total:
-            save()
+        periodic_hooks(cfg, step, sched.total, images, save)
     meter.close()
-    skipped = skipped_training_images(loader)  # collective, before the rank-0-only work below
-    if skipped:
-        run.print(f"warning: {skipped} unreadable training image(s) skipped (substituted) in this run")
+    skipped = count_skipped_images(loader, run)  # collective, before the rank-0-only work below
     images(f"{pos.step:07d}")
     save(final=True)
     return {

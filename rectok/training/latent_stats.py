@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="use N images spread evenly over the dataset (all classes) instead of all of them",
     )
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--device", choices=D.DEVICES, default="auto")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (sums stay float64)")
     p.add_argument("--raw", action="store_true", help="use the raw weights of a training checkpoint, not EMA")
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rectok.checkpoints.store import atomic_write, remove_temp_files
-from rectok.data.sharding import ShardedSampler
+from rectok.data.sharding import ShardedLoader
+from rectok.data.sources import SampleSet
 from rectok.training import distributed as D
 from rectok.training.batches import encode_loader
 from rectok.training.config import TrainConfig
@@ -87,37 +88,34 @@ def latent_statistics(
     return mu, std
 
 
-class CachedMoments:
+class CachedMoments(ShardedLoader):
     """Posterior moments cached once per training image, plain and flipped, in a float16 .npy
-    [N, 2, L, 2C]. Batches follow the image loader's ShardedSampler order, and a sample is flipped
-    exactly when the image loader would flip it (rng(seed, epoch, index) draws first), so training
-    sees the same distribution as encoding every step."""
+    [N, 2, L, 2C]. A loader like the image loaders (same ShardedLoader base: sampler, epochs,
+    batch counts), so batches follow the image loader's order, and a sample is flipped exactly when
+    the image loader would flip it (rng(seed, epoch, index) draws first): training sees the same
+    distribution as encoding every step."""
+
+    backend = "latent-cache"
+    num_skipped = 0  # unreadable images were replaced when the cache was built (_fill_unreadable_rows)
 
     def __init__(
         self,
         path: Path,
-        labels: list[int],
+        samples: SampleSet,
         batch_size: int,
         rank: int,
         world_size: int,
         seed: int,
         hflip: bool,
     ) -> None:
+        super().__init__(samples, batch_size, True, rank, world_size, seed)
         self.moments = np.load(path, mmap_mode="r")
-        self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
-        self.sampler = ShardedSampler(len(labels), rank, world_size, True, seed)
-        self.epoch = 0
+        self.labels = torch.tensor(samples.labels, dtype=torch.int64)
+        self.seed, self.hflip = seed, hflip
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        idx = self.sampler.indices(epoch)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = self.epoch
+        idx = self._start_epoch()
         for b in range(len(idx) // self.batch_size):
             chunk = idx[b * self.batch_size : (b + 1) * self.batch_size]
             flips = [

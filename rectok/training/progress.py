@@ -89,7 +89,7 @@ class Position:
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
         }
 
-    def count_update(self, skipped: bool, cfg: TrainConfig, run: Run) -> None:
+    def count_update(self, skipped: bool, max_nonfinite: int, run: Run) -> None:
         """Count an optimizer step; `max_nonfinite` skipped (non-finite) updates in a row stop the run."""
         if not skipped:
             self.nonfinite_streak = 0
@@ -102,10 +102,10 @@ class Position:
             f"step {step}: non-finite loss or grad norm, update skipped "
             f"({streak} in a row, {self.nonfinite_total} total)"
         )
-        if streak >= cfg.max_nonfinite:
+        if streak >= max_nonfinite:
             raise NonFiniteLossError(
                 f"stopping at step {step}: {streak} non-finite losses in a row "
-                f"(max_nonfinite = {cfg.max_nonfinite}); no update was applied for them, and the last "
+                f"(max_nonfinite = {max_nonfinite}); no update was applied for them, and the last "
                 f"checkpoint in {run.run_dir} holds finite weights. "
                 "Lower the learning rate or check the data, then continue with --resume auto."
             )

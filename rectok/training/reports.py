@@ -1,26 +1,16 @@
-"""What a training run shows a person: image grids (reconstructions, samples) and metrics.json."""
+"""The summary a finished run leaves for people and scripts: metrics.json."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rectok.checkpoints import store
-from rectok.eval.image_metrics import to_uint8
-from rectok.sampling.generate import save_grid
 from rectok.training.config import TrainConfig
 from rectok.training.runtime import Run
-
-
-def save_image_rows(rows: list[torch.Tensor], path: Path) -> None:
-    """One PNG with a row per tensor; every row [n, 3, H, W] in [0, 1], rounded to the nearest uint8."""
-    images = to_uint8(torch.cat([row.float() for row in rows]), rounding="round")  # (rows * n, H, W, 3)
-    save_grid(images.cpu().numpy(), path, ncol=len(rows[0]))
 
 
 def write_summary(run: Run, cfg: TrainConfig, result: dict[str, Any]) -> None:

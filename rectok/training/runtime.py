@@ -42,7 +42,7 @@ def missing_inputs(cfg: TrainConfig) -> list[str]:
     """One line per input path the run reads that does not exist (checked before the run folder is
     written, so that a typo leaves no half-made run behind)."""
     paths = {"data.path": cfg.data.path if cfg.data.path != "demo" else ""}
-    if cfg.resume not in ("", "auto", "never"):
+    if cfg.resume not in store.RESUME_MODES:
         paths["resume"] = cfg.resume
     if cfg.stage == "decoder":
         paths["tok.init_from"] = cfg.tok.init_from
