@@ -18,7 +18,7 @@ What it does (tiny tokenizer on the demo images, checkpoint every --ckpt_every s
 
 Every process's stderr is searched for "Traceback": the figure to keep at zero. Results go to
 bench/results/fault-drill-<date>-<machine>.{json,md}. Nothing here is a pytest test: its smoke
-run is bench/test_fault_drill.py.
+run is tests/test_fault_drill.py (in CI).
 """
 
 from __future__ import annotations
