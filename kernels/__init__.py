@@ -6,11 +6,11 @@ and the functional API below, which is all that model code calls.
 """
 
 from .attention import rope_attention, rope_attention_reference
-from .backend import BACKENDS, current_backend, interpreter_active, use_backend
+from .backend import BACKENDS, current_backend, use_backend
 from .cosine_loss import cosine_distill_loss, cosine_distill_loss_reference
 from .flow import flow_interpolate, flow_interpolate_reference, velocity_mse, velocity_mse_reference
 from .rms_norm import rms_norm, rms_norm_modulate, rms_norm_modulate_reference, rms_norm_reference
-from .rope import apply_rope, apply_rope_reference, rope_qkv, rope_qkv_reference, rotate_half
+from .rope import apply_rope, apply_rope_reference, rope_qkv, rope_qkv_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "current_backend",
     "flow_interpolate",
     "flow_interpolate_reference",
-    "interpreter_active",
     "rms_norm",
     "rms_norm_modulate",
     "rms_norm_modulate_reference",
@@ -31,7 +30,6 @@ __all__ = [
     "rope_attention_reference",
     "rope_qkv",
     "rope_qkv_reference",
-    "rotate_half",
     "swiglu",
     "swiglu_reference",
     "use_backend",

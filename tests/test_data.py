@@ -229,7 +229,7 @@ def test_eval_coverage_two_shards(folder, backend):
             exclude=None,
         )
         out = _collect(loader)
-        assert len(out["index"]) == loader.num_samples == 6
+        assert len(out["index"]) == len(loader.sampler) == 6
         assert len(loader) == 2  # ceil(6 / 4): the last batch is partial, not padded
         seen.append(out["index"].tolist())
     assert not set(seen[0]) & set(seen[1])

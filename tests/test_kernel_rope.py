@@ -26,10 +26,10 @@ from rectok.kernels import (
     apply_rope_reference,
     rope_qkv,
     rope_qkv_reference,
-    rotate_half,
     use_backend,
 )
 from rectok.kernels import rope as rope_mod
+from rectok.kernels.rope import rotate_half
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEAD_DIMS = (48, 64, 72)

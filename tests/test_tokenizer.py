@@ -30,7 +30,6 @@ from rectok.models.tokenizer import (
     insert_mask_tokens,
     tokenizer_config,
     tokenizer_rope_table,
-    with_channels,
 )
 
 
@@ -106,7 +105,7 @@ def test_presets_and_overrides() -> None:
     assert (b.encoder_width, b.encoder_depth, b.encoder_heads) == (768, 12, 12)
     assert (b.semantic_width, b.semantic_depth, b.semantic_heads, b.semantic_dim) == (192, 3, 4, 1024)
     assert b.shift == pytest.approx(math.sqrt(8.0))
-    assert with_channels(b, 16).shift == pytest.approx(1.0)
+    assert tokenizer_config("rectok-B", token_channels=16).shift == pytest.approx(1.0)
     assert tokenizer_config("rectok-tiny").shift == pytest.approx(0.25)
     assert tokenizer_config("rectok-B", timestep_shift=3.0).shift == 3.0
     assert RecTokConfig.from_dict(b.to_dict()) == b

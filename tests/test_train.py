@@ -254,6 +254,8 @@ def test_bad_config_values_fail_clearly(data, tmp_path):
         (["--epochs", "inf"], ["epochs must be a finite number, got inf"]),
         (["--seed", "-1"], ["seed must be an integer in [0, "]),
         (["--tok.preset", "nope"], ["tok.preset must be one of rectok-B"]),
+        (["--data.crop", "square"], ["data.crop must be one of center, random_resized"]),
+        (["--tok.noise_schedule", "cosine"], ["tok.noise_schedule must be one of shift, uniform, lognorm"]),
         # micro_batch 0 must not stop the validator with a ZeroDivisionError: every error is listed
         (
             ["--micro_batch", "0", "--lr", "-1", "--seed", "-2"],

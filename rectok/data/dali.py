@@ -24,7 +24,6 @@ A corrupt file stops a DALI pipeline, so build the exclusion list first
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import torch
@@ -32,8 +31,6 @@ import torch
 from rectok.data.sharding import ShardedLoader
 from rectok.data.sources import SampleSet
 from rectok.data.transforms import CROPS
-
-log = logging.getLogger(__name__)
 
 # Halving stages replayed in the pipeline: enough for short sides up to 2**6 * image_size
 # (16k px at 256); anything larger is left to the (antialiased) final resize.

@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 def _sources() -> dict[str, Callable[[], np.ndarray]]:
     """Class name -> loader of an RGB uint8 photo bundled with scikit-image (no download)."""
     from skimage import data  # a base dependency (its bundled photos need no download)
+
     return {
         "astronaut": data.astronaut,
         "cat": data.chelsea,

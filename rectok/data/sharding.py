@@ -3,7 +3,6 @@ semantics) and the loader base with its epoch counter and batch counts."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from typing import Protocol
@@ -11,8 +10,6 @@ from typing import Protocol
 import torch
 
 from rectok.data.sources import SampleSet
-
-log = logging.getLogger(__name__)
 
 
 class ShardedSampler:
@@ -59,8 +56,6 @@ class Loader(Protocol):
     samples: SampleSet
 
     @property
-    def num_samples(self) -> int: ...
-    @property
     def num_skipped(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
     def __len__(self) -> int: ...
@@ -87,11 +82,6 @@ class ShardedLoader:
                 f"of {batch_size}: lower the batch size or use more data"
             )
         self.epoch = 0
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank reads per epoch (before dropping an incomplete training batch)."""
-        return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

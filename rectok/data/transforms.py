@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 import torch
 from PIL import Image
-
-log = logging.getLogger(__name__)
-
 
 CROPS = ("center", "random_resized")
 

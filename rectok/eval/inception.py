@@ -111,21 +111,13 @@ def load_inception(
 def full_fp32() -> Iterator[None]:
     """Disable TF32 for convolutions and matmuls (on by default for cuDNN convs) so features are
     computed in IEEE fp32 like the reference implementations on CPU."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # torch >= 2.9
-        saved = (cudnn_conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-        cudnn_conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            cudnn_conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
-    else:
-        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    cudnn_conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul  # the torch >= 2.9 API
+    saved = (cudnn_conv.fp32_precision, matmul.fp32_precision)
+    cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        cudnn_conv.fp32_precision, matmul.fp32_precision = saved
 
 
 @torch.no_grad()

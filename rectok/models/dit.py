@@ -138,7 +138,7 @@ class AdaLNBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, mlp_hidden: int) -> None:
         super().__init__()
         self.norm1 = RMSNorm(width)
-        self.attn = Attention(width, num_heads, qkv_bias=True)
+        self.attn = Attention(width, num_heads)
         self.norm2 = RMSNorm(width)
         self.mlp = SwiGLUMLP(width, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))

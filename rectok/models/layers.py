@@ -48,13 +48,13 @@ class SwiGLUMLP(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, qkv packed as (3, heads, head_dim), RoPE on q and k."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:

@@ -119,11 +119,6 @@ def tokenizer_config(name: str = "rectok-B", **overrides) -> RecTokConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def with_channels(cfg: RecTokConfig, channels: int) -> RecTokConfig:
-    """The same tokenizer with C latent channels (the paper sweeps 16 / 32 / 64 / 128)."""
-    return dataclasses.replace(cfg, token_channels=channels)
-
-
 def tokenizer_rope_table(grid: int | tuple[int, int], head_dim: int, device=None) -> torch.Tensor:
     """2-D RoPE table [L, 2 * head_dim] = [cos | sin] of the official tokenizer.
 
@@ -376,4 +371,3 @@ class RecTok(nn.Module):
             z = flow.forward_flow(z, eps * cfg.gamma, tau)
         sem = self.semantic_decoder(z, mask.ids_restore) if self.semantic_decoder is not None else None
         return TokenizerOutput(self.pixel_decoder(z, mask.ids_restore), post, sem, mask, tau)
-

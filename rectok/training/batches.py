@@ -37,7 +37,8 @@ def _split(root: Path, name: str) -> str | None:
 
 
 def train_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
-    """This rank's shard of the train split: random crops and flips, reshuffled every epoch."""
+    """This rank's shard of the train split: --data.crop crops (ADM center crops by default) and
+    random flips, reshuffled every epoch."""
     return _shard_of_train_split(cfg, run, root, image_size, train=True)
 
 
@@ -53,6 +54,7 @@ def _shard_of_train_split(cfg: TrainConfig, run: Run, root: Path, image_size: in
         batch_size=cfg.micro_batch,
         image_size=image_size,
         train=train,
+        crop=cfg.data.crop if train else "center",
         hflip=cfg.data.hflip and train,
         rank=run.info.rank,
         world_size=run.info.world_size,

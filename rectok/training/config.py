@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rectok.checkpoints.store import VERIFY_MODES
+from rectok.data.transforms import CROPS
 from rectok.kernels.backend import BACKENDS as KERNEL_BACKENDS
 from rectok.models.flow import SCHEDULES as NOISE_SCHEDULES
 from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
@@ -63,6 +64,7 @@ LONG_HELP = {
 class DataConfig:
     path: str = "demo"  # ImageFolder-style root, or "demo" for the generated demo dataset
     hflip: bool = True  # random horizontal flip (training only)
+    crop: str = "center"  # training crop: center (ADM, as the release) or random_resized
     num_workers: int = 4
     eval_images: int = 16  # held-out images for the reconstruction grid / PSNR
 
@@ -230,6 +232,7 @@ class TrainConfig:
                 False, f"debug_nan_steps must be comma-separated integers, got {self.debug_nan_steps!r}"
             )
         err.check(self.data.num_workers >= 0, "data.num_workers must be >= 0")
+        err.choice("data.crop", self.data.crop, CROPS)
         err.check(self.data.eval_images >= 1, "data.eval_images must be >= 1")
 
         o = self.optim

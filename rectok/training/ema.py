@@ -51,18 +51,6 @@ class EMA:
             if name in self.buffers:
                 b.copy_(self.buffers[name])
 
-    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """A state dict in the layout of `model.state_dict()` holding the EMA weights (float32)."""
-        state = {}
-        for name in model.state_dict():
-            if name in self.params:
-                state[name] = self.params[name]
-            elif name in self.buffers:
-                state[name] = self.buffers[name]
-            else:
-                raise KeyError(f"EMA has no entry for {name!r}; was it built from a different model?")
-        return state
-
     def state_dict(self) -> dict:
         return {
             "decay": self.decay,

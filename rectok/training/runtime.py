@@ -27,8 +27,6 @@ from rectok.training import distributed as D
 from rectok.training.config import TrainConfig, format_config
 from rectok.training.optim import clip_grad_norm
 
-log = logging.getLogger("rectok.train")
-
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row (`max_nonfinite`)."""
