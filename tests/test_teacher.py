@@ -21,9 +21,11 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 
-from rectok.models.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher
+from rectok.models.teacher import Teacher
 from rectok.models.teacher_weights import TEACHERS
 
 

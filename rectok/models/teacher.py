@@ -46,6 +46,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from rectok.models.teacher_weights import TEACHERS, load_teacher_model, resolve_model_name
@@ -59,8 +60,6 @@ TARGET_MODES = ("release", "clean")
 RELEASE_ROPE_RESCALE = 2.0
 # HF DINOv3ViTImageProcessorFast.rescale_factor (1 / 255 as the config stores it).
 HF_RESCALE_FACTOR = 0.00392156862745098
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 def _patch_size(model_name: str) -> int:
     match = re.search(r"patch(\d+)", model_name)
     if match is None:
@@ -80,7 +79,7 @@ def release_dinov3_input(images: torch.Tensor, resize_to: int, feed_size: int) -
     x01 = (x + 1) * 0.5
     x = (x01 * 255).to(torch.uint8).float() * HF_RESCALE_FACTOR  # floor, then the processor's rescale
     x = F.interpolate(x, size=(resize_to, resize_to), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - _stats(IMAGENET_MEAN, x)) / _stats(IMAGENET_STD, x)
+    x = (x - _stats(IMAGENET_DEFAULT_MEAN, x)) / _stats(IMAGENET_DEFAULT_STD, x)
     return F.interpolate(x, size=(feed_size, feed_size), mode="bilinear", align_corners=False)
 
 
@@ -89,7 +88,7 @@ def release_dinov2_input(images: torch.Tensor, eval_size: int, feed_size: int) -
     antialiased resize to `eval_size` = 518, ImageNet normalisation), then bilinear to feed_size."""
     x = (images.float() + 1.0) * 0.5
     x = F.interpolate(x, size=(eval_size, eval_size), mode="bicubic", antialias=True, align_corners=False)
-    x = (x - _stats(IMAGENET_MEAN, x)) / _stats(IMAGENET_STD, x)
+    x = (x - _stats(IMAGENET_DEFAULT_MEAN, x)) / _stats(IMAGENET_DEFAULT_STD, x)
     return F.interpolate(x, size=(feed_size, feed_size), mode="bilinear", align_corners=False)
 
 
@@ -98,7 +97,7 @@ def clean_input(images: torch.Tensor, resize_to: int, feed_size: int) -> torch.T
     `resize_to`, ImageNet normalisation, bilinear to feed_size."""
     x = (images.float() + 1.0) * 0.5
     x = F.interpolate(x, size=(resize_to, resize_to), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - _stats(IMAGENET_MEAN, x)) / _stats(IMAGENET_STD, x)
+    x = (x - _stats(IMAGENET_DEFAULT_MEAN, x)) / _stats(IMAGENET_DEFAULT_STD, x)
     return F.interpolate(x, size=(feed_size, feed_size), mode="bilinear", align_corners=False)
 
 

@@ -50,8 +50,9 @@ TEACHERS = {
     "dinov3": "vit_large_patch16_dinov3.lvd1689m",
     "dinov2": "vit_large_patch14_dinov2.lvd142m",
 }
-# Files a timm hub repo may hold, in the order timm itself prefers them.
-HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+# Files a weights folder or hub repo may hold, in the order tried (HF transformers and timm repos
+# both use these, and timm prefers them in this order).
+WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 
 
 def resolve_model_name(name: str) -> str:
@@ -79,7 +80,7 @@ def find_cached_weights(model_name: str, cache_dir: str | Path | None = None) ->
         return None
     cache_dir = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
     if cfg.hf_hub_id:
-        names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILENAMES
+        names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else WEIGHT_FILENAMES
         for filename in names:
             found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache_dir)
             if isinstance(found, str) and os.path.isfile(found):
@@ -110,8 +111,6 @@ def missing_weights_message(model_name: str, cache_dir: Path) -> str:
 
 
 
-# What a weights folder may hold, in the order tried (HF transformers and timm repos both use these).
-WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 # Training-checkpoint wrappers unwrapped on the way in ("model_state_dict": the official release).
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "module")
 # Prefixes left by DDP and torch.compile when a whole wrapped module was saved.

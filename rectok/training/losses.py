@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from rectok import kernels
@@ -32,8 +33,6 @@ from rectok.models.discriminator import PatchDiscriminator
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision's ImageNet weights, under the file names torch.hub caches them with.
 # VGG16 IMAGENET1K_V1 is the trunk LPIPS was calibrated on; ConvNeXt-S IMAGENET1K_V1 is
@@ -211,8 +210,8 @@ class PerceptualLoss(nn.Module):
         self.lpips_weight, self.convnext_weight, self.resize = lpips_weight, convnext_weight, resize
         self.lpips = build_lpips_vgg(weights, weights_dir) if lpips_weight > 0 else None
         self.convnext = build_convnext_small(weights, weights_dir) if convnext_weight > 0 else None
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> PerceptualLoss:
         # Frozen feature nets stay in eval mode whatever the caller does (no dropout in LPIPS' heads).
