@@ -43,6 +43,7 @@ from rectok.training.optim import SCHEDULES as LR_SCHEDULES
 STAGES = ("tokenizer", "decoder", "dit")
 PRECISIONS = ("bf16", "fp16", "fp32")  # fp16 uses a GradScaler; bf16 and fp32 need none
 DISTRIBUTED = ("ddp", "fsdp")
+PROGRESS_MODES = ("auto", "bar", "lines")
 # Each rank seeds numpy with seed * 1000 + rank (< 1000 ranks), and numpy takes seeds below 2**32.
 MAX_SEED = (2**32 - 1000) // 1000
 
@@ -151,6 +152,8 @@ class TrainConfig:
     keep_last: int = 3
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row
     tensorboard: bool = True
+    wandb: str = ""  # "project/name" (or "project"): also log to Weights & Biases (pip install wandb)
+    progress: str = "auto"  # auto: a bar on a terminal, else log lines | bar | lines (every log_every)
     resume: str = ""  # "" | auto | never | PATH (see LONG_HELP)
     ckpt_verify: str = "full"  # full | size: check a resumed checkpoint against manifest.json
     export: bool = True  # write the EMA weights as safetensors at the end
@@ -212,6 +215,7 @@ class TrainConfig:
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
         err.choice("device", self.device, DEVICES)
         err.choice("ckpt_verify", self.ckpt_verify, VERIFY_MODES)
+        err.choice("progress", self.progress, PROGRESS_MODES)
         err.check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         err.check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         err.check(
