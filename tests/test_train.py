@@ -345,6 +345,12 @@ def test_config_presets_overrides_and_batch_geometry(tmp_path):
         s1.grad_accum(world_size=3)
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         train_config("tokenizer", "tiny", optim__lrr=1.0)
+    # The official presets leave their required inputs to the command line (README's commands).
+    dec = parse_args(["--stage", "decoder", "--preset", "rectok-B", "--tok.init_from", "runs/tok"])
+    dit = parse_args(["--stage", "dit", "--preset", "dit-dh-xl", "--dit.tokenizer_ckpt", "runs/dec"])
+    assert (dec.tok.init_from, dit.dit.tokenizer_ckpt) == ("runs/tok", "runs/dec")
+    with pytest.raises(ValueError, match="the decoder stage needs --tok.init_from"):
+        parse_args(["--stage", "decoder", "--preset", "rectok-B"])
 
 
 def _free_port() -> int:

@@ -6,11 +6,14 @@ or the EMA weights), a run folder (its latest checkpoint, else its only / EMA `.
 export), an exported `.safetensors` with its config in the metadata, and official-layout
 files (through rectok.official). Latent statistics (per-channel mean / std of the tokenizer's
 posterior mean) are read from the DiT^DH or tokenizer checkpoint or from a file of their own.
+Any of these loads at another resolution than it was trained at (`img_size=` / `grid_size=`,
+rectok.checkpoints.resolution).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectok.checkpoints import store
+from rectok.checkpoints import resolution, store
 from rectok.models.dit import DiTDH, DiTDHConfig, LatentNormalizer
 from rectok.models.tokenizer import RecTok, RecTokConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,9 +38,11 @@ class Loaded:
     model: nn.Module
     path: Path
     layout: str  # "ours" | "official"
-    config: dict | None = None  # the model config stored with our checkpoints
+    config: dict | None = None  # the model config stored with our checkpoints (its size as loaded)
     latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the checkpoint's other entries / metadata
+    # the saved img_size (tokenizer) / latent grid (DiT^DH) when loaded at another one, else None
+    resampled_from: int | None = None
 
     @property
     def time_shift(self) -> float | None:
@@ -209,6 +216,7 @@ def load_tokenizer(
     hint: str = "",
     keep_ema: bool = False,
     verify: str = "full",
+    img_size: int | None = None,
 ) -> Loaded:
     """Our tokenizer checkpoint (.pt / run folder / .safetensors export) or an official-layout file.
 
@@ -216,7 +224,10 @@ def load_tokenizer(
     `.raw["ema"]`, which the pixel-decoder stage continues; off by default, as it holds a
     second copy of the weights.
     verify: "full" checks a checkpoint against its run's manifest (size + sha256) and an export
-    against its .sha256 sidecar; "size" checks sizes only. Non-finite weights are refused."""
+    against its .sha256 sidecar; "size" checks sizes only. Non-finite weights are refused.
+    img_size: build the tokenizer for these images (a multiple of its patch size) when it differs
+    from the saved size; the learned position embeddings (and a kept EMA state's) are resampled
+    bicubically to the new patch grid, everything else loads as saved."""
     what = "tokenizer checkpoint"
     path = resolve_path(path, what, hint)
     state, config, extra = _read(path, what, use_ema, keep_ema, verify)
@@ -224,20 +235,62 @@ def load_tokenizer(
     if config is None:
         from rectok.checkpoints.official import load_official_tokenizer
 
-        model = load_official_tokenizer(state)
-        return Loaded(model.eval(), path, "official")
+        model, resampled_from = load_official_tokenizer(state), None
+        saved = model.cfg  # resampled after the conversion, as the official layout fixes the sizes
+        if img_size is not None and resolution.grid_for(img_size, saved.patch_size) != saved.grid_size:
+            _log_tokenizer_resample(path, saved, img_size, state_keys=model.state_dict())
+            model, resampled_from = resolution.resize_tokenizer(model, img_size), saved.img_size
+        return Loaded(model.eval(), path, "official", resampled_from=resampled_from)
     cfg = saved_tokenizer_config(config, path)
-    model = RecTok(cfg)
     state = {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
+    resampled_from = None
+    if img_size is not None and resolution.grid_for(img_size, cfg.patch_size) != cfg.grid_size:
+        _log_tokenizer_resample(path, cfg, img_size, state_keys=state)
+        new_grid = img_size // cfg.patch_size
+        state = resolution.resample_tokenizer_state(state, cfg.grid_size, new_grid)
+        if isinstance(extra.get("ema"), Mapping):
+            extra["ema"] = _resampled_ema(extra["ema"], cfg.grid_size, new_grid)
+        resampled_from, config = cfg.img_size, {**config, "img_size": img_size}
+        cfg = replace(cfg, img_size=img_size)
+    model = RecTok(cfg)
     _strict_load(model, state, path)
-    return Loaded(model.eval(), path, "ours", dict(config), _stats_from(extra), extra)
+    return Loaded(model.eval(), path, "ours", dict(config), _stats_from(extra), extra, resampled_from)
+
+
+def _log_tokenizer_resample(path: Path, cfg: RecTokConfig, img_size: int, state_keys: Mapping) -> None:
+    parts = ", ".join(k.split(".")[0] for k in resolution.TOKENIZER_POS_EMBEDS if k in state_keys)
+    old, new = cfg.grid_size, img_size // cfg.patch_size
+    log.info(
+        f"{path}: {parts} position embeddings resampled bicubically from grid {old}x{old} to "
+        f"{new}x{new} ({cfg.img_size} px -> {img_size} px)"
+    )
+
+
+def _resampled_ema(ema: Mapping[str, Any], old_grid: int, new_grid: int) -> dict[str, Any]:
+    """A training checkpoint's EMA state (EMA.state_dict layout, or a plain state dict) resampled."""
+    if "params" in ema:
+        return {
+            **ema,
+            "params": resolution.resample_tokenizer_state(ema["params"], old_grid, new_grid),
+            "buffers": resolution.resample_tokenizer_state(ema["buffers"], old_grid, new_grid),
+        }
+    return resolution.resample_tokenizer_state(ema, old_grid, new_grid)
 
 
 def load_dit(
-    path: str | os.PathLike, *, use_ema: bool = True, hint: str = "", verify: str = "full"
+    path: str | os.PathLike,
+    *,
+    use_ema: bool = True,
+    hint: str = "",
+    verify: str = "full",
+    grid_size: int | None = None,
 ) -> Loaded:
     """Our DiT^DH checkpoint (.pt / run folder / .safetensors export) or an official-layout file,
-    verified as load_tokenizer does."""
+    verified as load_tokenizer does.
+
+    grid_size: build the DiT^DH for latents of this grid (the tokenizer's img_size // patch_size)
+    when it differs from the saved one; the fixed sin-cos position embedding is regenerated for it,
+    every weight loads as saved. The stored time shift (`.time_shift`) stays the saved grid's."""
     what = "DiT^DH checkpoint"
     path = resolve_path(path, what, hint)
     state, config, extra = _read(path, what, use_ema, verify=verify)
@@ -245,9 +298,24 @@ def load_dit(
     if config is None:
         from rectok.checkpoints.official import load_official_dit
 
-        model = load_official_dit(state)
-        return Loaded(model.eval(), path, "official")
+        model, resampled_from = load_official_dit(state), None
+        saved = model.config.grid_size
+        if grid_size is not None and resolution.check_grid(grid_size) != saved:
+            _log_dit_resample(path, saved, grid_size)
+            model, resampled_from = resolution.resize_dit(model, grid_size), saved
+        return Loaded(model.eval(), path, "official", resampled_from=resampled_from)
     stats = _stats_from(extra)
-    model = DiTDH(saved_dit_config(config, path))
+    cfg = saved_dit_config(config, path)
+    resampled_from = None
+    if grid_size is not None and resolution.check_grid(grid_size) != cfg.grid_size:
+        _log_dit_resample(path, cfg.grid_size, grid_size)
+        state = resolution.resample_dit_state(state, cfg.grid_size, grid_size)
+        resampled_from, config = cfg.grid_size, {**config, "grid_size": grid_size}
+        cfg = replace(cfg, grid_size=grid_size)
+    model = DiTDH(cfg)
     _strict_load(model, state, path)
-    return Loaded(model.eval(), path, "ours", dict(config), stats, extra)
+    return Loaded(model.eval(), path, "ours", dict(config), stats, extra, resampled_from)
+
+
+def _log_dit_resample(path: Path, old: int, new: int) -> None:
+    log.info(f"{path}: sin-cos position embedding regenerated for latent grid {old}x{old} -> {new}x{new}")

@@ -47,6 +47,9 @@ class RecTokConfig:
     noise_schedule: str = "shift"  # "shift" | "uniform" | "lognorm"
     timestep_shift: float | None = None  # None: sqrt(grid_h * grid_w * C / 4096)
     gamma: float = 1.0  # scale of the forward-flow noise; 0 disables the flow
+    # The semantic decoder reads z_t along the flow (FSD); False: the clean posterior sample z (x0),
+    # the paper's "w/o FSD" ablation. The pixel decoder reads z_t either way.
+    semantic_flow: bool = True
     mask_ratio_min: float = -0.1
     mask_ratio_max: float = 0.4
 
@@ -345,7 +348,8 @@ class RecTok(nn.Module):
         """Training step forward (official semantics) in train mode; plain autoencoding in eval mode.
 
         Train: random MAE masking, posterior sample of the visible tokens, forward flow
-        z_t = (1 - tau) z + tau * gamma * eps, both decoders on z_t. Eval: no masking,
+        z_t = (1 - tau) z + tau * gamma * eps, both decoders on z_t (the semantic decoder on z when
+        cfg.semantic_flow is False). Eval: no masking,
         posterior mean, no noise, no semantic prediction. `draws` replaces every random draw of
         the train-mode forward (then `generator` is unused).
         """
@@ -361,7 +365,7 @@ class RecTok(nn.Module):
             mask = flow.masking_from_shuffle(draws.ids_shuffle.to(device), draws.mask_ratio)
         post = self.encode(x, mask.ids_keep)
         z = post.sample(generator, noise=None if draws is None else draws.posterior_noise.to(post.mean))
-        tau = None
+        tau, z_clean = None, z
         if cfg.gamma > 0:
             if draws is None:
                 tau = flow.sample_tau(B, cfg.shift, cfg.noise_schedule, generator, device=device)
@@ -369,5 +373,7 @@ class RecTok(nn.Module):
             else:
                 tau, eps = draws.tau.to(device), draws.eps.to(z)
             z = flow.forward_flow(z, eps * cfg.gamma, tau)
-        sem = self.semantic_decoder(z, mask.ids_restore) if self.semantic_decoder is not None else None
+        sem = None
+        if self.semantic_decoder is not None:
+            sem = self.semantic_decoder(z if cfg.semantic_flow else z_clean, mask.ids_restore)
         return TokenizerOutput(self.pixel_decoder(z, mask.ids_restore), post, sem, mask, tau)

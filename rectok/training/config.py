@@ -17,6 +17,10 @@ Presets, selected by (stage, name):
 - dit       / dit-dh-xl: DiT^DH-XL on the tokenizer's latents (SPEC section 6), 80 epochs.
 - dit       / dit-dh-s : DiT^DH-S, the AutoGuidance "weak" model (30 epochs).
 - <stage>   / tiny     : CPU-sized versions on the generated demo dataset (the default).
+
+Ablations (`--ablation NAME`, tokenizer stage, on top of any preset): the rows of the paper's
+tokenizer ablations, listed in ABLATIONS (no-fsd, align-only, recon-only, c16 ... c128, dinov2,
+dinov3, schedule-shift / -uniform / -lognorm).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from rectok.kernels.backend import BACKENDS as KERNEL_BACKENDS
 from rectok.models.flow import SCHEDULES as NOISE_SCHEDULES
 from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
 from rectok.training.distributed import DEVICES
+from rectok.training.losses import SEMANTIC_TOKENS
 from rectok.training.losses import WEIGHT_MODES as PERCEPTUAL_WEIGHTS
 from rectok.training.optim import SCHEDULES as LR_SCHEDULES
 
@@ -97,6 +102,9 @@ class LossConfig:
     perceptual_weights: str = "pretrained"  # pretrained (local files) | random (tests / demos only)
     weights_dir: str = ""  # folder with vgg16-397923af.pth and convnext_small-0c510722.pth
     perceptual_resize: int = 224  # ConvNeXt input size
+    # Tokens the semantic loss covers: all (the paper) | visible (alignment only) | masked
+    # (reconstruction only).
+    semantic_tokens: str = "all"
     disc_ndf: int = 64
     disc_layers: int = 3
 
@@ -115,6 +123,7 @@ class TokenizerTrainConfig:
     noise_schedule: str = "shift"
     timestep_shift: float = 0.0  # 0 = sqrt(grid_h * grid_w * C / 4096)
     gamma: float = 1.0  # forward-flow noise scale (0: no flow)
+    semantic_flow: bool = True  # the semantic decoder reads z_t (FSD); false: the clean z (w/o FSD)
     init_from: str = ""  # decoder stage: the stage-1 checkpoint (.pt of this project)
 
 
@@ -157,6 +166,7 @@ class TrainConfig:
     resume: str = ""  # "" | auto | never | PATH (see LONG_HELP)
     ckpt_verify: str = "full"  # full | size: check a resumed checkpoint against manifest.json
     export: bool = True  # write the EMA weights as safetensors at the end
+    ablation: str = ""  # a row of the paper's tokenizer ablations (ABLATIONS): no-fsd, c16, dinov2, ...
     debug_nan_steps: str = ""  # testing only: comma-separated steps whose loss is made NaN
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -216,6 +226,7 @@ class TrainConfig:
         err.choice("device", self.device, DEVICES)
         err.choice("ckpt_verify", self.ckpt_verify, VERIFY_MODES)
         err.choice("progress", self.progress, PROGRESS_MODES)
+        err.choice("ablation", self.ablation, tuple(ABLATIONS))
         err.check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         err.check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         err.check(
@@ -256,6 +267,7 @@ class TrainConfig:
         for name in ("mse", "perceptual", "kl", "semantic", "gan", "gan_start_epoch"):
             err.check(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
         err.choice("loss.perceptual_weights", lo.perceptual_weights, PERCEPTUAL_WEIGHTS)
+        err.choice("loss.semantic_tokens", lo.semantic_tokens, SEMANTIC_TOKENS)
         err.check(
             lo.perceptual_resize >= 32, f"loss.perceptual_resize must be >= 32, got {lo.perceptual_resize}"
         )
@@ -462,6 +474,23 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# The rows of the paper's tokenizer ablations, each a named set of overrides applied on top of any
+# tokenizer preset (`--ablation NAME`, recorded in config.json and metrics.json): Flow Semantic
+# Distillation (the semantic decoder on z_t vs the clean z), the semantic loss's tokens (RAD:
+# visible tokens align, masked ones are reconstructed), the latent width C, the teacher, and the
+# noise schedule of the forward flow. The paper's own setting is the empty name.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "": {},
+    "no-fsd": {"tok.semantic_flow": False},
+    "align-only": {"loss.semantic_tokens": "visible"},
+    "recon-only": {"loss.semantic_tokens": "masked"},
+    **{f"c{c}": {"tok.token_channels": c} for c in (16, 32, 64, 128)},
+    "dinov2": {"tok.teacher": "dinov2"},
+    "dinov3": {"tok.teacher": "dinov3"},
+    **{f"schedule-{s}": {"tok.noise_schedule": s} for s in NOISE_SCHEDULES},
+}
+
+
 def preset_names(stage: str) -> list[str]:
     return [name for s, name in PRESETS if s == stage]
 
@@ -547,16 +576,35 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def train_config(stage: str = "tokenizer", preset: str = "tiny", **overrides: Any) -> TrainConfig:
-    """defaults -> preset (stage, preset) -> overrides (dotted keys, or nested via "__": optim__lr)."""
+    """defaults -> preset (stage, preset) -> ablation (overrides["ablation"], ABLATIONS) -> overrides
+    (dotted keys, or nested via "__": optim__lr)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if (stage, preset) not in PRESETS:
         raise ValueError(
             f"unknown preset {preset!r} for stage {stage!r}; choose one of {', '.join(preset_names(stage))}"
         )
+    overrides = {k.replace("__", "."): v for k, v in overrides.items()}
+    cfg = _preset_config(stage, preset, overrides.pop("ablation", ""))
+    return apply_overrides(cfg, overrides).validate()
+
+
+def _preset_config(stage: str, preset: str, ablation: str) -> TrainConfig:
+    """defaults -> preset -> ablation, not validated yet: a preset may leave a required input (the
+    decoder stage's --tok.init_from) to the command line."""
     cfg = apply_overrides(TrainConfig(stage=stage, preset=preset), PRESETS[(stage, preset)])
-    apply_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
-    return cfg.validate()
+    apply_overrides(cfg, ablation_overrides(stage, ablation))
+    cfg.ablation = ablation
+    return cfg
+
+
+def ablation_overrides(stage: str, name: str) -> dict[str, Any]:
+    """The overrides of ablation `name` (ABLATIONS); only the tokenizer stage has ablations."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; choose one of {', '.join(n for n in ABLATIONS if n)}")
+    if name and stage != "tokenizer":
+        raise ValueError(f"--ablation {name} applies to the tokenizer stage, not --stage {stage}")
+    return ABLATIONS[name]
 
 
 def _field_comments() -> dict[str, str]:
@@ -605,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """defaults -> preset -> --config JSON -> command-line values; validated."""
+    """defaults -> preset -> ablation -> --config JSON -> command-line values; validated."""
     args = vars(build_parser().parse_args(argv))
     file_overrides: dict[str, Any] = {}
     if args.get("config"):
@@ -614,9 +662,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args.pop("config", None)
     stage = args.get("stage", file_overrides.get("stage", "tokenizer"))
     preset = args.get("preset", file_overrides.get("preset", "tiny"))
-    cfg = train_config(stage, preset)
-    apply_overrides(cfg, {k: v for k, v in file_overrides.items() if k not in ("stage", "preset")})
-    apply_overrides(cfg, {k: v for k, v in args.items() if k not in ("stage", "preset")})
+    ablation = args.get("ablation", file_overrides.get("ablation", ""))
+    if stage not in STAGES or (stage, preset) not in PRESETS:
+        return train_config(stage, preset)  # the error message that names the choices
+    cfg = _preset_config(stage, preset, ablation)
+    chosen = ("stage", "preset", "ablation")
+    apply_overrides(cfg, {k: v for k, v in file_overrides.items() if k not in chosen})
+    apply_overrides(cfg, {k: v for k, v in args.items() if k not in chosen})
     return cfg.validate()
 
 

@@ -1,11 +1,13 @@
-"""torchrun / DDP / FSDP helpers.
+"""torchrun / SLURM / DDP / FSDP helpers.
 
 `init_distributed` reads the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), so one node or many run the same code: NCCL on GPUs, gloo
-on CPU. Without those variables everything is a single process and the collectives
-below are no-ops. Wrappers are applied from outside the model code (`wrap_ddp`,
-`shard_fsdp`, `torch.compile`), and `unwrap` peels them off again so that saved state
-dicts carry no `module.` / `_orig_mod.` prefixes.
+on CPU. Started by `srun python train.py ...` instead (one SLURM task per GPU, no
+torchrun), it derives those variables from SLURM's first (slurm.py). Without
+either, everything is a single process and the collectives below are no-ops. Wrappers
+are applied from outside the model code (`wrap_ddp`, `shard_fsdp`, `torch.compile`), and
+`unwrap` peels them off again so that saved state dicts carry no `module.` / `_orig_mod.`
+prefixes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from rectok.training.slurm import slurm_environment
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,17 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
-    """Start the process group when launched by torchrun; pick this rank's device.
+    """Start the process group when launched by torchrun or by srun; pick this rank's device.
 
-    device: "auto" (this rank's GPU if CUDA is available, else CPU), "cuda" or "cpu".
+    device: "auto" (this rank's GPU if CUDA is available, else CPU), "cuda" or "cpu". Under srun
+    without torchrun, torchrun's variables are derived from SLURM's and put into os.environ (the
+    process group and the environment report read them there).
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is visible (use --device cpu)")
+    os.environ.update(slurm_environment(os.environ))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

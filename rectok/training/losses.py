@@ -145,6 +145,7 @@ def build_lpips_vgg(weights: str, weights_dir: str | os.PathLike | None = None) 
     """LPIPS with the VGG16 trunk. Its calibrated linear layers ship inside the `lpips` package;
     the VGG16 ImageNet trunk comes from a local torchvision weight file."""
     import lpips  # a base dependency, imported here because it is slow to import
+
     path = find_weights(VGG16_FILE, weights_dir, VGG16_ALIASES[1:]) if weights == "pretrained" else None
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=` flag
         warnings.simplefilter("ignore", UserWarning)
@@ -257,8 +258,32 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over all tokens [B, L, D] of 1 - cos(pred, target): FSD on visible, RAD on masked tokens."""
+# Which tokens the semantic loss covers: all (the paper: visible tokens align, masked ones are
+# reconstructed), visible (its "alignment only" ablation) or masked ("reconstruction only").
+SEMANTIC_TOKENS = ("all", "visible", "masked")
+
+
+def semantic_token_ids(mask, which: str) -> torch.Tensor | None:
+    """Indices [B, n] into the L tokens that the semantic loss covers for masking `mask`
+    (rectok.models.flow.MaskIds), or None for all of them."""
+    if which not in SEMANTIC_TOKENS:
+        raise ValueError(f"semantic tokens must be one of {', '.join(SEMANTIC_TOKENS)}, got {which!r}")
+    if which == "all":
+        return None
+    return mask.ids_keep if which == "visible" else mask.ids_shuffle[:, mask.len_keep :]
+
+
+def semantic_loss(
+    pred: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the tokens [B, L, D] of 1 - cos(pred, target): FSD on visible, RAD on masked tokens.
+    `tokens` [B, n]: only those positions (semantic_token_ids); a step without any (no masked token
+    for "masked") gives 0 with the graph kept, so every parameter still gets a (zero) gradient."""
+    if tokens is not None:
+        if tokens.shape[1] == 0:
+            return kernels.cosine_distill_loss(pred, target, eps=1e-12) * 0.0
+        index = tokens[..., None].expand(-1, -1, pred.shape[-1])
+        pred, target = pred.gather(1, index), target.gather(1, index)
     # eps = 1e-12 as F.normalize in the release (it only matters for near-zero vectors).
     return kernels.cosine_distill_loss(pred, target, eps=1e-12)
 
@@ -304,6 +329,7 @@ def tokenizer_loss(
     posterior: Any = None,
     semantic_pred: torch.Tensor | None = None,
     semantic_target: torch.Tensor | None = None,
+    semantic_tokens: torch.Tensor | None = None,
     discriminator: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The generator-side tokenizer loss; every term in float32.
@@ -311,7 +337,8 @@ def tokenizer_loss(
     x, x_hat: images [B, 3, H, W] in [0, 1] (x_hat = the decoder output mapped to [0, 1],
     not clamped, so that gradients flow everywhere). posterior: anything with `.mean` and
     `.logvar` [B, L_keep, C] (rectok.tokenizer.DiagonalGaussian).
-    semantic_pred / semantic_target: [B, L, D]. discriminator: the raw (unwrapped) D, or None
+    semantic_pred / semantic_target: [B, L, D]; semantic_tokens: the positions [B, n] the semantic
+    term covers (semantic_token_ids; None: all). discriminator: the raw (unwrapped) D, or None
     while the GAN is off; its parameters get no gradient from this loss.
 
     Returns {"loss": weighted total, "mse", "perceptual", "kl", "semantic", "gan_g": unweighted
@@ -331,7 +358,7 @@ def tokenizer_loss(
     if weights.semantic > 0 and semantic_pred is not None:
         if semantic_target is None:
             raise ValueError("semantic prediction given without teacher features")
-        terms["semantic"] = semantic_loss(semantic_pred, semantic_target)
+        terms["semantic"] = semantic_loss(semantic_pred, semantic_target, semantic_tokens)
     if weights.gan > 0 and discriminator is not None:
         # D is only a critic here: build the graph without its parameters so the generator's
         # backward leaves D's gradients untouched (the release toggles requires_grad the same way).

@@ -3,12 +3,14 @@
 `Schedule`: steps per epoch, total steps and the learning rate of every step. `Position`:
 optimizer steps done, the data position (epoch, micro-batches of it consumed) and the
 non-finite-loss counters -- everything a checkpoint needs to continue bit-identically.
-`StepMeter`: throughput since this (re)start, the metrics line and the rank-0 progress bar.
+`StepMeter`: throughput since this (re)start, the metrics record and, on rank 0, a progress bar
+(on a terminal) or one plain line per record (logs of batch jobs: no carriage returns).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +136,8 @@ RESUMABLE_CHANGES = {
     "tensorboard",
     "export",
     "debug_nan_steps",
+    "wandb",
+    "progress",
 }
 
 
@@ -153,14 +157,33 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def use_bar(progress: str) -> bool:
+    """--progress: "bar", "lines", or "auto": a bar only when both stdout and stderr (where tqdm
+    draws) are terminals, so that a redirected log never fills with carriage-return updates."""
+    if progress == "auto":
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    return progress == "bar"
+
+
+def duration(seconds: float) -> str:
+    """65 -> "1m05s", 7380 -> "2h03m"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class StepMeter:
-    """Images per second since this run (re)started at `step`, the metrics line and the rank-0 bar."""
+    """Images per second since this run (re)started at `step`, the metrics record and, on rank 0, a
+    progress bar or (--progress lines) one line per record."""
 
     def __init__(self, run: Run, sched: Schedule, step: int, desc: str) -> None:
         self.run, self.sched = run, sched
         self.start_step, self.t_start = step, time.time()
         self.bar = None
-        if run.info.is_main:
+        if run.info.is_main and use_bar(run.cfg.progress):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=sched.total, initial=step, desc=desc, dynamic_ncols=True)
@@ -172,9 +195,11 @@ class StepMeter:
     def log(
         self, step: int, losses: dict[str, float], lr: float, grad_norm: torch.Tensor, nonfinite_total: int
     ) -> None:
-        """One metrics.jsonl / TensorBoard record: the (rank-averaged) losses, then lr, grad norm, epoch,
-        throughput and the non-finite count; the bar shows loss, throughput and lr."""
-        ips = self.run.cfg.global_batch * (step - self.start_step) / self.wall_s()
+        """One metrics.jsonl / TensorBoard (/ W&B) record: the (rank-averaged) losses, then lr, grad
+        norm, epoch, throughput and the non-finite count; the bar or the line shows loss, throughput
+        and lr (the line also the time left)."""
+        wall = self.wall_s()
+        ips = self.run.cfg.global_batch * (step - self.start_step) / wall
         scalars = {
             **losses,
             "lr": lr,
@@ -186,6 +211,13 @@ class StepMeter:
         self.run.log(step, scalars)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
+        else:  # rank 0 only (Run.print)
+            total = self.sched.total
+            eta = wall * (total - step) / (step - self.start_step)
+            self.run.print(
+                f"step {step}/{total} ({100 * step / total:.1f}%) | loss {losses['loss']:.4f} | "
+                f"{ips:.1f} img/s | lr {lr:.2e} | eta {duration(eta)}"
+            )
 
     def update(self) -> None:
         if self.bar is not None:

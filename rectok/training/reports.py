@@ -24,6 +24,7 @@ def write_summary(run: Run, cfg: TrainConfig, result: dict[str, Any]) -> None:
     summary = {
         "stage": cfg.stage,
         "preset": cfg.preset,
+        "ablation": cfg.ablation or None,  # None: the paper's setting
         "steps": result["step"],
         "steps_this_run": len(result["history"]),
         "loss_start": float(np.mean(h[:k])) if h else None,

@@ -1,8 +1,9 @@
 """What a training run resolves once at the start, and the per-step numerics shared by the stages.
 
-`Run` holds the device, autocast dtype, ranks, run folder and the metric writers; seeding and
-the gathered RNG states make resumed runs bit-identical; `compile_blocks` applies torch.compile
-from outside the model; `optimizer_step` skips an update whose loss or grad norm is non-finite.
+`Run` holds the device, autocast dtype, ranks, run folder and the metric writers (metrics.jsonl,
+TensorBoard, optionally Weights & Biases); seeding and the gathered RNG states make resumed runs
+bit-identical; `compile_blocks` applies torch.compile from outside the model; `optimizer_step`
+skips an update whose loss or grad norm is non-finite.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rectok import kernels
 from rectok.checkpoints import store
 from rectok.environment import environment
 from rectok.training import distributed as D
+from rectok.training import wandb_logger
 from rectok.training.config import TrainConfig, format_config
 from rectok.training.optim import clip_grad_norm
 
@@ -84,6 +86,7 @@ class Run:
         self.run_dir = Path(cfg.run_dir)
         self.writer = None
         self.metrics_file = None
+        self.wandb = None  # the wandb module on rank 0 with --wandb
         self._closers: list = []
         self.environment = environment(self.device)  # environment.json and every checkpoint
         self.t0 = time.time()
@@ -93,8 +96,9 @@ class Run:
         missing = missing_inputs(cfg)
         if missing:
             raise ValueError("missing input:\n  - " + "\n  - ".join(missing))
+        wandb = wandb_logger.import_wandb(cfg.wandb) if cfg.wandb and self.info.is_main else None
         try:
-            store.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
+            moved = store.prepare_run_dir(cfg.resume, self.run_dir, self.info.is_main)
             if self.info.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "images").mkdir(exist_ok=True)
@@ -104,6 +108,7 @@ class Run:
                 env = json.dumps(self.environment, indent=2)
                 store.atomic_write(self.run_dir / "environment.json", lambda f: f.write(env.encode()))
                 self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+                wandb_id = wandb_logger.stable_id(self.run_dir, moved) if wandb else None
         except OSError as err:  # only the file system calls above: a clear line, not a traceback
             raise RunDirError(_run_dir_problem(self.run_dir, err)) from err
         if self.info.is_main:
@@ -112,6 +117,9 @@ class Run:
                 from torch.utils.tensorboard import SummaryWriter  # a base dependency: no guard
 
                 self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            if wandb is not None:
+                self.print(wandb_logger.start(wandb, cfg.wandb, self.run_dir, wandb_id, cfg.to_dict()))
+                self.wandb = wandb
         D.barrier()
         kernel_backend = kernels.current_backend()
         self.print(
@@ -138,6 +146,8 @@ class Run:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def rewind_to(self, step: int) -> None:
         """On resume at `step`: drop the metrics rows (and TensorBoard events) of later steps, which the
@@ -166,6 +176,8 @@ class Run:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=step + 1)
         if dropped:
             self.print(f"metrics.jsonl: dropped {dropped} rows after step {step} (they are redone now)")
+        # W&B keeps the rows it holds: online it ignores, with a warning, redone steps below its last
+        # one (values that a bit-exact resume reproduces anyway).
 
     def close_with_run(self, close) -> None:
         """Call `close` when the run closes, also when it stops on an error: a progress bar left open
@@ -179,6 +191,8 @@ class Run:
             self.metrics_file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def compile_blocks(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ from rectok.models.teacher import Teacher
 from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.training.config import TokenizerTrainConfig, TrainConfig
 from rectok.training.ema import EMA
-from rectok.training.losses import LossWeights, PerceptualLoss, tokenizer_loss
+from rectok.training.losses import LossWeights, PerceptualLoss, semantic_token_ids, tokenizer_loss
 from rectok.training.runtime import Run, seed_everything
 from rectok.training.tokenizer_training import TokenizerTraining
 
@@ -58,6 +58,7 @@ def new_tokenizer(
         noise_schedule=t.noise_schedule,
         timestep_shift=t.timestep_shift or None,
         gamma=t.gamma,
+        semantic_flow=t.semantic_flow,
     )
     return RecTok(config).to(device), teacher
 
@@ -72,13 +73,15 @@ def stage1_losses(
     discriminator: nn.Module | None,
     draws: FlowDraws | None = None,
     rope_rescale: torch.Tensor | float | None = None,
+    semantic_tokens: str = "all",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One stage-1 micro-batch: tokenizer forward (masking, posterior sample, forward flow, both
     decoders), teacher targets and every generator-side loss term. x: images [B, 3, H, W] in
     [-1, 1]; tok may be DDP-wrapped. `draws` / `rope_rescale` inject the random draws (parity
     tests); by default they are drawn, the tokenizer's first and the teacher's last, as the
-    release does. The networks run under `autocast`, the losses outside it in float32 (as the
+    release does. `semantic_tokens`: the tokens the semantic loss covers (all, or the ablations
+    visible / masked). The networks run under `autocast`, the losses outside it in float32 (as the
     release's loss module). Returns (terms of rectok.training.losses.tokenizer_loss, decoder output)."""
     with autocast():
         out = tok(x) if draws is None else tok(x, draws=draws)
@@ -91,6 +94,7 @@ def stage1_losses(
         posterior=out.posterior,
         semantic_pred=out.semantic,
         semantic_target=target,
+        semantic_tokens=semantic_token_ids(out.mask, semantic_tokens) if out.mask is not None else None,
         discriminator=discriminator,
     )
     return terms, out.images
@@ -124,6 +128,7 @@ def train_tokenizer(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                     training.weights,
                     perceptual=training.perceptual,
                     discriminator=training.critic,
+                    semantic_tokens=cfg.loss.semantic_tokens,
                     autocast=run.autocast,
                 )
                 terms = training.backward(terms)
