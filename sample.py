@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weak", default=None, help="AutoGuidance weak model (DiT^DH-S checkpoint)")
     p.add_argument("--latent-stats", default=None, help="latent mean/std [C] file (official models)")
     p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="image size to sample at (default: the DiT^DH's training size): the tokenizer's position "
+        "embeddings are resampled and the DiT^DH's sin-cos table regenerated for the new grid",
+    )
+    p.add_argument(
         "--preset", default="demo", choices=sorted(PRESETS), help="named recipe (options override)"
     )
     p.add_argument("--num-points", type=int, default=None, help="Euler grid points (steps + 1)")
@@ -86,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounding", default="floor", choices=("floor", "round"), help="float -> uint8")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT^DH(s) and the decoder")
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"), help="replay Euler steps")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights of our training checkpoints")
+    p.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="the DiT^DH's raw weights instead of its EMA (the tokenizer stays the EMA one whose latents "
+        "the DiT^DH learned)",
+    )
     p.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     p.add_argument("--name", default=None, help="file stem (default: <preset>-n<N>-seed<seed>)")
     p.add_argument("--grid", type=int, default=64, help="images in the PNG grid (0: none)")
@@ -144,12 +156,20 @@ def load_models(args: argparse.Namespace):
             raise ValueError(f"{dit.path} is an official DiT^DH checkpoint: pass its tokenizer (--tokenizer)")
         tok_path = dit.tokenizer_path or DEFAULT_TOKENIZER
     tok = loading.load_tokenizer(
-        tok_path, use_ema=use_ema, hint="Train one with `python train.py` (demo) or pass --tokenizer."
+        tok_path,
+        use_ema=True,  # the DiT^DH stage trains on the EMA tokenizer's latents
+        hint="Train one with `python train.py` (demo) or pass --tokenizer.",
+        img_size=args.img_size or dit.raw.get("tokenizer_img_size"),
     )
+    if tok.model.cfg.grid_size != dit.model.config.grid_size:  # a tokenizer loaded at another size
+        dit = loading.load_dit(
+            args.dit or DEFAULT_DIT, use_ema=use_ema, hint=hint, grid_size=tok.model.cfg.grid_size
+        )
+    check_trained_together(dit, tok)
     weak = None
     if args.weak:
         weak_hint = "Pass the AutoGuidance weak model (a DiT^DH-S)."
-        weak = loading.load_dit(args.weak, use_ema=use_ema, hint=weak_hint)
+        weak = loading.load_dit(args.weak, use_ema=use_ema, hint=weak_hint, grid_size=tok.model.cfg.grid_size)
         if weak.latent_stats is not None and dit.latent_stats is not None:
             same = all(torch.allclose(a, b) for a, b in zip(weak.latent_stats, dit.latent_stats))
             if not same:  # guidance mixes the two velocities: both must live in one latent space
@@ -160,6 +180,13 @@ def load_models(args: argparse.Namespace):
         stats, stats_from = dit.latent_stats, str(dit.path)
     elif tok.latent_stats is not None:
         stats, stats_from = tok.latent_stats, str(tok.path)
+        if (
+            tok.stats_fingerprint not in (None, loading.tokenizer_fingerprint(tok.model))
+            and not tok.resampled_from
+        ):
+            raise ValueError(
+                f"the latent statistics in {tok.path} belong to other weights: pass --latent-stats"
+            )
     else:
         raise ValueError(
             f"no latent statistics: neither {dit.path} nor {tok.path} carries them (official checkpoints "
@@ -167,6 +194,22 @@ def load_models(args: argparse.Namespace):
             "[C]: the per-channel statistics of the tokenizer's posterior mean over the training set)."
         )
     return dit, tok, weak, stats, stats_from
+
+
+def check_trained_together(dit: loading.Loaded, tok: loading.Loaded) -> None:
+    """A DiT^DH samples the latent space of the tokenizer it was trained on: refuse another one
+    (our DiT^DH checkpoints record the tokenizer's weights fingerprint; official ones do not)."""
+    expected = dit.raw.get("tokenizer_fingerprint")
+    if not isinstance(expected, str) or tok.resampled_from is not None:
+        return
+    actual = loading.tokenizer_fingerprint(tok.model)
+    if actual != expected:
+        raise ValueError(
+            f"{dit.path} was trained on the latents of tokenizer weights {expected} "
+            f"({dit.tokenizer_path or 'path not recorded'}), but {tok.path} holds weights {actual} "
+            "(raw instead of EMA weights, or another tokenizer): pass the tokenizer it was trained on "
+            "with --tokenizer"
+        )
 
 
 def describe(loaded: loading.Loaded | None) -> dict | None:
@@ -212,7 +255,8 @@ def run(args: argparse.Namespace) -> dict | None:
         guidance=guidance,
         scale=scale,
         interval=interval,
-        shift=args.shift or dit.time_shift,  # the shift the DiT^DH was trained with, when stored
+        # The shift the DiT^DH was trained with, when stored and at its grid (else from the grid).
+        shift=args.shift or (dit.time_shift if dit.resampled_from is None else None),
         precision=args.precision,
         rounding=args.rounding,
         compile=args.compile,

@@ -155,3 +155,91 @@ def test_command_line_reports_a_missing_tokenizer(data, tmp_path):
     )
     assert result.returncode == 2
     assert "error:" in result.stderr and str(missing) in result.stderr
+
+
+# ----------------------------------------------------------------------------- from the tokenizer
+
+
+def test_spread_takes_every_class_of_a_class_sorted_set(data):
+    samples = scan_image_folder(data / "train")  # 2 classes x 6, sorted by class
+    four = samples.spread(4)
+    assert len(four) == 4 and set(four.labels) == {0, 1}
+    assert samples.spread(0) is samples and samples.spread(100) is samples
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A 2-step tokenizer run whose statistics use 6 of the 12 training images, and a 1-step DiT^DH
+    run on it."""
+    from conftest import load_script
+
+    train = load_script("train.py")
+    work = tmp_path_factory.mktemp("stats")
+    common = [
+        "--data.path", str(data), "--global_batch", "4", "--micro_batch", "4", "--log_every", "1",
+        "--image_every", "0", "--ckpt_every", "0", "--tensorboard", "false", "--data.eval_images", "2",
+        "--data.num_workers", "0", "--max_steps", "2",
+    ]  # fmt: skip
+    train.main([*common, "--run_dir", str(work / "tok"), "--data.stats_images", "6"])
+    dit_args = ["--stage", "dit", "--dit.tokenizer_ckpt", str(work / "tok"), "--dit.sample_steps", "2"]
+    train.main([*common, "--run_dir", str(work / "dit"), *dit_args])
+    return train, work, common, dit_args
+
+
+def test_the_tokenizer_stage_stores_statistics_of_its_ema_weights(trained, data):
+    _, work, _, _ = trained
+    state = store.load_checkpoint(work / "tok")
+    stats = state["latent_stats"]
+    export = model_io.load_tokenizer(work / "tok" / "tokenizer_ema.safetensors")
+    assert stats["images"] == 6
+    assert stats["tokenizer_fingerprint"] == model_io.tokenizer_fingerprint(export.model)
+    assert export.stats_fingerprint == stats["tokenizer_fingerprint"]
+    torch.testing.assert_close(export.latent_stats[0], stats["mean"], rtol=0, atol=0)
+    # The same numbers as encoding those 6 evenly spread images (center crop, no flip) by hand.
+    picks = scan_image_folder(data / "train").spread(6)
+    images = torch.stack([to_tensor(center_crop_arr(load_rgb(picks.path(i)), 64)) for i in range(len(picks))])
+    with torch.no_grad():
+        mean = export.model.encoder(images)[..., :16].double().reshape(-1, 16)
+    torch.testing.assert_close(stats["mean"].double(), mean.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["std"].double(), mean.std(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_the_dit_stage_and_sample_py_take_them_and_refuse_other_weights(trained, tmp_path):
+    train, work, common, dit_args = trained
+    tok_stats = store.load_checkpoint(work / "tok")["latent_stats"]
+    dit_stats = model_io.read_latent_stats(work / "dit" / "latent_stats.safetensors")
+    torch.testing.assert_close(dit_stats[0], tok_stats["mean"], rtol=0, atol=0)
+    torch.testing.assert_close(dit_stats[1], tok_stats["std"], rtol=0, atol=0)
+
+    # Statistics recorded for other weights are refused, and recomputed on request.
+    state = store.load_checkpoint(work / "tok")
+    state["latent_stats"] = {**state["latent_stats"], "tokenizer_fingerprint": "0" * 16}
+    store.save_checkpoint(tmp_path / "other", state, state["step"])
+    other = [
+        *common,
+        "--stage",
+        "dit",
+        "--dit.tokenizer_ckpt",
+        str(tmp_path / "other"),
+        "--dit.sample_steps",
+        "2",
+    ]
+    with pytest.raises(ValueError, match="belong to other tokenizer weights .*--dit.latent_stats recompute"):
+        train.main([*other, "--run_dir", str(tmp_path / "refused")])
+    train.main([*other, "--run_dir", str(tmp_path / "recomputed"), "--dit.latent_stats", "recompute"])
+    recomputed = model_io.read_latent_stats(tmp_path / "recomputed" / "latent_stats.safetensors")
+    assert not torch.equal(recomputed[0], tok_stats["mean"])  # all 12 images now, not the 6
+
+    # sample.py refuses a tokenizer other than the one the DiT^DH was trained on (raw weights here).
+    from conftest import load_script
+
+    sample = load_script("sample.py")
+    args = ["--dit", str(work / "dit"), "--num-points", "2", "--per-class", "1", "--classes", "0",
+            "--device", "cpu", "--out", str(tmp_path / "s"), "--no-progress"]  # fmt: skip
+    raw = tmp_path / "raw.safetensors"
+    from rectok.checkpoints.official import save_official
+
+    save_official(model_io.load_tokenizer(work / "tok", use_ema=False).model, raw)
+    with pytest.raises(SystemExit):
+        sample.main([*args, "--tokenizer", str(raw)])
+    assert sample.main(args) is not None  # its own tokenizer samples

@@ -12,6 +12,7 @@ rectok.checkpoints.resolution).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,10 +52,34 @@ class Loaded:
         return float(value) if isinstance(value, (int, float)) else None
 
     @property
+    def stats_fingerprint(self) -> str | None:
+        """The tokenizer fingerprint the stored latent statistics belong to (a tokenizer's own, or the
+        one a DiT^DH was trained on), else None."""
+        stats = self.raw.get("latent_stats")
+        value = stats.get("tokenizer_fingerprint") if isinstance(stats, Mapping) else None
+        value = value or self.raw.get("latent_stats_fingerprint") or self.raw.get("tokenizer_fingerprint")
+        return value if isinstance(value, str) and value else None
+
+    @property
     def tokenizer_path(self) -> str | None:
         """The tokenizer checkpoint a DiT^DH was trained on (our checkpoints), else None."""
         value = self.raw.get("tokenizer")
         return value if isinstance(value, str) and value else None
+
+
+def tokenizer_fingerprint(weights: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of the tokenizer's weights (bytes, in key order): what its latents
+    depend on, whatever file they came from (the semantic decoder, a training-only head, is left
+    out). A DiT^DH checkpoint records it so that a resume with another tokenizer is refused, latent
+    statistics record it so that they are never used with another tokenizer, and it names the
+    latent cache."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    state = {k: v for k, v in state.items() if not k.startswith("semantic_decoder.")}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_path(path: str | os.PathLike, what: str, hint: str) -> Path:

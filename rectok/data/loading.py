@@ -49,6 +49,7 @@ def build_loader(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     exclude: str | Path | None = "auto",
+    spread: int = 0,
 ) -> Loader:
     """A per-rank loader of {"image" [B,3,S,S] in [-1,1], "label" [B], "index" [B]} batches.
 
@@ -56,7 +57,8 @@ def build_loader(
     epoch, random flips (unless hflip=False), incomplete last batch dropped; train=False:
     fixed order, no flips, every sample read exactly once over all ranks (last batch partial).
     backend: "pil", "dali" or "auto" (DALI when importable and `device` is CUDA). exclude:
-    exclusion list from verify_dataset ("auto": the default path if the file exists).
+    exclusion list from verify_dataset ("auto": the default path if the file exists). spread: only
+    that many samples, evenly spread over the set (SampleSet.spread; 0 = all).
     """
     device = torch.device(device)
     samples = resolve_samples(source, split, root)
@@ -70,6 +72,7 @@ def build_loader(
         raise FileNotFoundError(
             f"exclusion list not found: {exclude} (make it with `python -m rectok.data verify`)"
         )
+    samples = samples.spread(spread)
     chosen = _select_backend(backend, device)
     common = dict(
         batch_size=batch_size,

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -25,6 +27,16 @@ class SampleSet:
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.relpaths[i])
+
+    def spread(self, count: int) -> SampleSet:
+        """`count` samples evenly spread over the set (every class of a class-sorted folder), in
+        order; the whole set when count is 0 or at least its size."""
+        if count <= 0 or count >= len(self):
+            return self
+        picks = np.linspace(0, len(self) - 1, count).round().astype(int)
+        return SampleSet(
+            self.root, [self.relpaths[i] for i in picks], [self.labels[i] for i in picks], self.classes
+        )
 
     def without(self, excluded: set[str]) -> SampleSet:
         """A copy without the relative paths in `excluded` (e.g. from verify_dataset)."""

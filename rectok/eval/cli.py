@@ -93,11 +93,12 @@ def cmd_stats(args) -> None:
     print(f"wrote {args.out} ({desc})", file=sys.stderr)
 
 
-def _load_tokenizer(path: str, device: torch.device) -> torch.nn.Module:
-    """Our checkpoints (run folder, ckpt_*.pt, *_ema.safetensors) or an official-layout file."""
+def _load_tokenizer(path: str, device: torch.device, img_size: int | None = None) -> torch.nn.Module:
+    """Our checkpoints (run folder, ckpt_*.pt, *_ema.safetensors) or an official-layout file, built
+    for `img_size` images (its position embeddings resampled) when given."""
     from rectok.checkpoints.loading import load_tokenizer
 
-    return load_tokenizer(path).model.to(device).eval()
+    return load_tokenizer(path, img_size=img_size).model.to(device).eval()
 
 
 def _autocast(args) -> torch.dtype | None:
@@ -110,7 +111,7 @@ def cmd_recon(args) -> None:
     if args.no_fid and args.ref is not None:
         raise SystemExit("--ref is the rFID reference; it cannot be combined with --no-fid")
     device = _device(args.device)
-    tok = _load_tokenizer(args.checkpoint, device)
+    tok = _load_tokenizer(args.checkpoint, device, args.image_size)
     size = args.image_size or tok.cfg.img_size
     data = LabelledImageFolder(args.data, size, limit=args.limit)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -158,7 +159,7 @@ def cmd_probe(args) -> None:
     taus = [float(t) for t in args.taus.split(",")]
     results = {}
     for label, ckpt in zip(labels, args.checkpoint):
-        tok = _load_tokenizer(ckpt, device)
+        tok = _load_tokenizer(ckpt, device, args.image_size)
         size = args.image_size or tok.cfg.img_size
         loaders = [
             torch.utils.data.DataLoader(

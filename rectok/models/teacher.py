@@ -60,6 +60,8 @@ TARGET_MODES = ("release", "clean")
 RELEASE_ROPE_RESCALE = 2.0
 # HF DINOv3ViTImageProcessorFast.rescale_factor (1 / 255 as the config stores it).
 HF_RESCALE_FACTOR = 0.00392156862745098
+
+
 def _patch_size(model_name: str) -> int:
     match = re.search(r"patch(\d+)", model_name)
     if match is None:
@@ -204,8 +206,6 @@ class Teacher(nn.Module):
             with torch.device(device or "cpu"):
                 self.model = timm.create_model(self.model_name, pretrained=False, **kwargs)
         else:
-
-
             # Any layout users have (HF transformers, Meta, timm with or without q/v biases), offline;
             # a DINOv3 checkpoint with non-zero q/v biases selects the bias-carrying timm variant.
             self.model, source = load_teacher_model(

@@ -110,7 +110,6 @@ def missing_weights_message(model_name: str, cache_dir: Path) -> str:
     )
 
 
-
 # Training-checkpoint wrappers unwrapped on the way in ("model_state_dict": the official release).
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "module")
 # Prefixes left by DDP and torch.compile when a whole wrapped module was saved.

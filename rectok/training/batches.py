@@ -43,11 +43,19 @@ def train_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
 
 
 def encode_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
-    """This rank's shard of the train split in order: center crop, no flip (latent statistics, cache)."""
+    """This rank's shard of the train split in order: center crop, no flip (the latent cache)."""
     return _shard_of_train_split(cfg, run, root, image_size, train=False)
 
 
-def _shard_of_train_split(cfg: TrainConfig, run: Run, root: Path, image_size: int, train: bool):
+def stats_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
+    """As encode_loader, over --data.stats_images images evenly spread over the train split (the
+    latent statistics: every class, not the first few of a class-sorted folder)."""
+    return _shard_of_train_split(cfg, run, root, image_size, train=False, spread=cfg.data.stats_images)
+
+
+def _shard_of_train_split(
+    cfg: TrainConfig, run: Run, root: Path, image_size: int, train: bool, spread: int = 0
+):
     return build_loader(
         root,
         split=_split(root, "train"),
@@ -62,6 +70,7 @@ def _shard_of_train_split(cfg: TrainConfig, run: Run, root: Path, image_size: in
         num_workers=cfg.data.num_workers,
         backend="auto",
         device=run.device,
+        spread=spread,
     )
 
 

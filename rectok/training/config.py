@@ -73,6 +73,7 @@ class DataConfig:
     crop: str = "center"  # training crop: center (ADM, as the release) or random_resized
     num_workers: int = 4
     eval_images: int = 16  # held-out images for the reconstruction grid / PSNR
+    stats_images: int = 0  # images for the latent statistics, evenly spread over the train split; 0 = all
 
 
 @dataclass
@@ -113,6 +114,9 @@ class LossConfig:
 class TokenizerTrainConfig:
     preset: str = "rectok-B"  # rectok.tokenizer.PRESETS
     token_channels: int = 0  # 0 = the preset's C
+    # 0 = the preset's (stage 1) / the checkpoint's (decoder, dit stages); another size resamples the
+    # tokenizer's position embeddings to the new patch grid
+    img_size: int = 0
     teacher: str = "dinov3"  # dinov3 | dinov2 (ViT-L) | tiny (small DINOv3-style ViT for tests and demos)
     teacher_weights: str = ""  # local weight file; "" = HF / torch hub cache (offline); "random" = untrained
     # release: what the official release computes (uint8 floor before the HF processor, teacher in
@@ -136,7 +140,9 @@ class DiTTrainConfig:
     time_shift: float = 0.0  # 0 = the tokenizer's sqrt(h * w * C / 4096)
     cache_latents: bool = False  # encode the dataset once, store posterior moments (+ flipped copies)
     cache_dir: str = ""  # default: <run_dir>/latent_cache
-    stats_batches: int = 0  # batches for the latent statistics; 0 = the whole training set
+    # tokenizer: the statistics the tokenizer stage stored with --dit.tokenizer_ckpt (computed here
+    # when it has none, or when loaded at another size); recompute; or a statistics file
+    latent_stats: str = "tokenizer"
     sample_steps: int = 50  # Euler grid points of the periodic sample grids
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard of every block)
 
@@ -249,6 +255,7 @@ class TrainConfig:
         err.check(self.data.num_workers >= 0, "data.num_workers must be >= 0")
         err.choice("data.crop", self.data.crop, CROPS)
         err.check(self.data.eval_images >= 1, "data.eval_images must be >= 1")
+        err.check(self.data.stats_images >= 0, "data.stats_images must be >= 0 (0 = all)")
 
         o = self.optim
         err.check(o.lr >= 0, f"optim.lr must be >= 0 (0 = scale blr by the batch), got {o.lr}")
@@ -279,6 +286,7 @@ class TrainConfig:
         err.choice("tok.teacher_targets", t.teacher_targets, TARGET_MODES)
         err.choice("tok.noise_schedule", t.noise_schedule, NOISE_SCHEDULES)
         err.check(t.token_channels >= 0, f"tok.token_channels must be >= 0, got {t.token_channels}")
+        err.check(t.img_size >= 0, f"tok.img_size must be >= 0 (0 = the preset's), got {t.img_size}")
         err.check(
             -1.0 < t.mask_ratio_min <= t.mask_ratio_max < 1.0,
             f"mask ratio range must satisfy -1 < tok.mask_ratio_min <= tok.mask_ratio_max < 1, "
@@ -297,9 +305,6 @@ class TrainConfig:
         err.check(0 <= d.label_dropout < 1, f"dit.label_dropout must lie in [0, 1), got {d.label_dropout}")
         err.check(d.time_shift >= 0 and d.num_classes >= 0, "dit.time_shift and dit.num_classes must be >= 0")
         err.check(d.sample_steps >= 2, f"dit.sample_steps must be >= 2, got {d.sample_steps}")
-        err.check(
-            d.stats_batches >= 0, f"dit.stats_batches must be >= 0 (0 = whole set), got {d.stats_batches}"
-        )
         err.choice("dit.preset", d.preset, tuple(DIT_DH_PRESETS))
         err.choice("dit.parallel", d.parallel, DISTRIBUTED)
         if self.stage == "dit":

@@ -21,13 +21,15 @@ STAGE1_HINT = "Train a tokenizer first (stage 1): `python train.py` writes runs/
 
 
 def load_stage1(
-    path: str | os.PathLike, device: torch.device, verify: str = "full"
+    path: str | os.PathLike, device: torch.device, verify: str = "full", img_size: int | None = None
 ) -> tuple[RecTok, dict | None]:
     """The stage-1 tokenizer's trained weights (not its EMA; semantic decoder dropped) from one of this
     project's checkpoints (.pt, a run folder, or an exported .safetensors) or an official-layout file,
     on `device`; also returns its checkpoint's EMA state without the semantic decoder (None for weight
     files), which the decoder stage continues."""
-    loaded = loading.load_tokenizer(path, use_ema=False, hint=STAGE1_HINT, keep_ema=True, verify=verify)
+    loaded = loading.load_tokenizer(
+        path, use_ema=False, hint=STAGE1_HINT, keep_ema=True, verify=verify, img_size=img_size
+    )
     ema_state = loaded.raw.get("ema")
     if ema_state is not None:
         keep = lambda d: {k: v for k, v in d.items() if not k.startswith("semantic_decoder.")}  # noqa: E731
@@ -39,7 +41,9 @@ def train_decoder(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """Stage 2 from the stage-1 checkpoint --tok.init_from; returns TokenizerTraining.finish's
     summary (loss history, held-out PSNR, steps, wall time, the bare model and its EMA)."""
     seed_everything(cfg.seed)  # same initial weights (the fresh discriminator) on every rank
-    tok, stage1_ema = load_stage1(cfg.tok.init_from, run.device, verify=cfg.ckpt_verify)
+    tok, stage1_ema = load_stage1(
+        cfg.tok.init_from, run.device, verify=cfg.ckpt_verify, img_size=cfg.tok.img_size or None
+    )
     tok.requires_grad_(False)
     tok.pixel_decoder.requires_grad_(True)
     ema = EMA(tok, cfg.optim.ema_decay)

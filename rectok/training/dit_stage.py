@@ -130,6 +130,30 @@ def check_same_tokenizer(state: dict, fingerprint: str, resume: Path, tokenizer_
         )
 
 
+def dit_latent_statistics(
+    cfg: TrainConfig, run: Run, root: Path, loaded_tok: loading.Loaded, fingerprint: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(mean, std, where they came from) per --dit.latent_stats: "tokenizer" takes the statistics the
+    tokenizer stage stored with its weights (refused when they belong to other weights), and
+    computes them when there are none or the tokenizer was loaded at another size; "recompute"
+    always computes them; anything else is a statistics file."""
+    choice, path = cfg.dit.latent_stats, loaded_tok.path
+    if choice not in ("tokenizer", "recompute"):
+        mean, std = loading.read_latent_stats(choice)
+        return mean, std, choice
+    if choice == "tokenizer" and loaded_tok.latent_stats is not None and loaded_tok.resampled_from is None:
+        saved = loaded_tok.stats_fingerprint
+        if saved is not None and saved != fingerprint:
+            raise ValueError(
+                f"the latent statistics in {path} belong to other tokenizer weights (fingerprint {saved}, "
+                f"these weights {fingerprint}): pass --dit.latent_stats recompute"
+            )
+        mean, std = loaded_tok.latent_stats
+        return mean, std, str(path)
+    stats = latent_statistics(loaded_tok.model, cfg, run, root)
+    return stats["mean"], stats["std"], f"{stats['images']} training images (computed now)"
+
+
 def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     """DiT^DH on the frozen tokenizer's (EMA) latents; returns the loss history, step counts, wall
     time, and the bare model (sharded under FSDP) and its EMA."""
@@ -137,9 +161,14 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     seed_everything(cfg.seed)
 
     # ---- frozen tokenizer (EMA weights), data, latent statistics
-    tok = loading.load_tokenizer(
-        cfg.dit.tokenizer_ckpt, use_ema=True, hint=TOKENIZER_HINT, verify=cfg.ckpt_verify
-    ).model.to(device)
+    loaded_tok = loading.load_tokenizer(
+        cfg.dit.tokenizer_ckpt,
+        use_ema=True,
+        hint=TOKENIZER_HINT,
+        verify=cfg.ckpt_verify,
+        img_size=cfg.tok.img_size or None,  # another size resamples its position embeddings
+    )
+    tok = loaded_tok.model.to(device)
     tok.eval().requires_grad_(False)
     tok_print = D.broadcast_object(tokenizer_fingerprint(tok) if info.is_main else None)
     tcfg = tok.cfg
@@ -156,18 +185,22 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if state is not None:
         check_same_tokenizer(state, tok_print, resume, cfg.dit.tokenizer_ckpt)
         mu, std = state["latent_stats"]["mean"], state["latent_stats"]["std"]
+        stats_from = f"the checkpoint {resume}"
     else:
-        mu, std = latent_statistics(tok, cfg, run, root)
+        mu, std, stats_from = dit_latent_statistics(cfg, run, root, loaded_tok, tok_print)
         if info.is_main:
             store.export_safetensors(
                 run.run_dir / "latent_stats.safetensors",
                 {"mean": mu, "std": std},
                 {"token_channels": C, "grid": grid},
                 tokenizer=str(cfg.dit.tokenizer_ckpt),
+                tokenizer_fingerprint=tok_print,
+                source=stats_from,
             )
     normalizer = LatentNormalizer(mu, std).to(device)
     run.print(
-        f"latent statistics: channel-mean mean {mu.mean():.4f}, std {std.mean():.4f}; shift s = {shift:.3f}"
+        f"latent statistics from {stats_from}: channel-mean mean {mu.mean():.4f}, std {std.mean():.4f}; "
+        f"shift s = {shift:.3f}"
     )
 
     loader = image_loader
@@ -234,6 +267,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                 "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
                 "tokenizer": str(cfg.dit.tokenizer_ckpt),
                 "tokenizer_fingerprint": tok_print,
+                "tokenizer_img_size": tcfg.img_size,
                 "time_shift": shift,
             }
             write_checkpoint(run, state, pos.step, cfg.keep_last)
@@ -249,6 +283,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
                     time_shift=shift,
                     tokenizer=str(cfg.dit.tokenizer_ckpt),
                     tokenizer_fingerprint=tok_print,
+                    tokenizer_img_size=tcfg.img_size,
                     train_config=cfg.to_dict(),
                 )
         D.barrier()

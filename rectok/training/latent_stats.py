@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rectok.checkpoints import store
 from rectok.checkpoints.loading import load_tokenizer
 from rectok.data.loading import build_loader
-from rectok.data.sources import default_exclusion_path, read_exclusion_list, resolve_samples
 from rectok.training import distributed as D
 from rectok.training.latents import channel_statistics
 
@@ -83,21 +80,6 @@ def _split(data: Path, split: str | None) -> str | None:
     return "train" if (data / "train").is_dir() else None
 
 
-def _subset_list(data: Path, split: str | None, limit: int, folder: Path) -> Path | None:
-    """A file list of `limit` samples spread evenly over the (exclusion-filtered) dataset, so a quick
-    estimate covers every class instead of the first folders; None when the dataset is not larger."""
-    samples = resolve_samples(data, split)
-    exclusion = default_exclusion_path(data, split)
-    if exclusion.is_file():
-        samples = samples.without(read_exclusion_list(exclusion))
-    if limit >= len(samples):
-        return None
-    picks = np.linspace(0, len(samples) - 1, limit).round().astype(int)
-    path = folder / "subset.txt"
-    path.write_text("".join(f"{samples.relpaths[i]} {samples.labels[i]}\n" for i in picks))
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
@@ -109,29 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = loaded.model.to(info.device).eval().requires_grad_(False)
         cfg = tok.cfg
         split = _split(data, args.split)
-        with tempfile.TemporaryDirectory(prefix="rectok_latent_stats_") as tmp:
-            source, root, exclude = data, None, "auto"
-            subset = _subset_list(data, split, args.limit, Path(tmp)) if args.limit else None
-            if subset is not None:  # paths relative to the split folder (or the file list's root)
-                source, root, exclude = subset, resolve_samples(data, split).root, None
-            loader = build_loader(
-                source,
-                split=None if subset is not None else split,
-                root=root,
-                batch_size=args.batch_size,
-                image_size=cfg.img_size,
-                train=False,
-                hflip=False,
-                rank=info.rank,
-                world_size=info.world_size,
-                num_workers=args.num_workers,
-                device=info.device,
-                exclude=exclude,
-            )
-            bf16 = (
-                (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
-            )
-            mean, std, images = channel_statistics(tok, loader, info.device, bf16, progress=info.is_main)
+        loader = build_loader(  # --limit: images spread evenly over the dataset, so every class counts
+            data,
+            split=split,
+            batch_size=args.batch_size,
+            image_size=cfg.img_size,
+            train=False,
+            hflip=False,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=args.num_workers,
+            device=info.device,
+            spread=args.limit or 0,
+        )
+        bf16 = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+        mean, std, images = channel_statistics(tok, loader, info.device, bf16, progress=info.is_main)
         skipped = int(D.all_reduce_sum_(torch.tensor(loader.num_skipped, device=info.device)).item())
         if info.is_main:
             out = store.export_safetensors(

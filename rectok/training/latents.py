@@ -5,7 +5,6 @@ have to run the encoder."""
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -18,11 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rectok.checkpoints.loading import tokenizer_fingerprint
 from rectok.checkpoints.store import atomic_write, remove_temp_files
 from rectok.data.sharding import ShardedLoader
 from rectok.data.sources import SampleSet
 from rectok.training import distributed as D
-from rectok.training.batches import encode_loader
+from rectok.training.batches import encode_loader, stats_loader
 from rectok.training.config import TrainConfig
 from rectok.training.runtime import Run
 
@@ -76,16 +76,21 @@ def channel_statistics(
     return mean, std, count // tok.cfg.seq_len
 
 
-def latent_statistics(
-    tok: nn.Module, cfg: TrainConfig, run: Run, root: Path
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std [C] of the posterior mean over the training set (no flip, center crop;
-    the first --dit.stats_batches batches when set), accumulated in float64 over all ranks (SPEC
-    section 6)."""
-    loader = encode_loader(cfg, run, root, tok.cfg.img_size)
-    batches = itertools.islice(loader, cfg.dit.stats_batches) if cfg.dit.stats_batches else loader
-    mu, std, _ = channel_statistics(tok, batches, run.device, run.autocast)
-    return mu, std
+def latent_statistics(tok: nn.Module, cfg: TrainConfig, run: Run, root: Path) -> dict:
+    """Per-channel mean and std [C] of the posterior mean over the train split (no flip, center crop;
+    --data.stats_images evenly spread images, 0 = all), accumulated in float64 over all ranks (SPEC
+    section 6), as {"mean", "std", "images", "tokenizer_fingerprint"}: the entry a tokenizer's final
+    checkpoint carries. Collective. Runs under fork_rng: the loader's seed draw must not move the
+    training RNG that the checkpoint records."""
+    with torch.random.fork_rng(devices=[]):
+        loader = stats_loader(cfg, run, root, tok.cfg.img_size)
+        mu, std, images = channel_statistics(tok, loader, run.device, run.autocast)
+    return {
+        "mean": mu.cpu(),
+        "std": std.cpu(),
+        "images": images,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+    }
 
 
 class CachedMoments(ShardedLoader):
@@ -125,17 +130,6 @@ class CachedMoments(ShardedLoader):
                 np.stack([self.moments[i, f] for i, f in zip(chunk, flips)]).astype(np.float32)
             )
             yield {"moments": moments, "label": self.labels[chunk]}
-
-
-def tokenizer_fingerprint(tok: nn.Module) -> str:
-    """sha256 (16 hex digits) of the tokenizer's weights (bytes, in key order): what its latents
-    depend on, whatever file they came from. A DiT^DH checkpoint records it so that a resume with
-    another tokenizer is refused, and it names the latent cache."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tok.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def latent_cache_tag(tok: nn.Module, root: Path, fingerprint: str | None = None) -> str:

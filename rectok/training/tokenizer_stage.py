@@ -45,6 +45,8 @@ def new_tokenizer(
     """A fresh RecTok of preset `t.preset` with the run's flow and masking options, and its teacher
     (None without the semantic loss); the semantic decoder is sized for the teacher's features."""
     overrides: dict[str, Any] = {"token_channels": t.token_channels} if t.token_channels else {}
+    if t.img_size:
+        overrides["img_size"] = t.img_size
     teacher = None
     if semantic:
         base = tokenizer_config(t.preset, **overrides)

@@ -22,6 +22,7 @@ from rectok.training import distributed as D
 from rectok.training.batches import data_root, held_out_images, step_batches, train_loader
 from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
+from rectok.training.latents import latent_statistics
 from rectok.training.loop import (
     count_skipped_images,
     periodic_hooks,
@@ -77,7 +78,7 @@ class TokenizerTraining:
         self.d_params = list(self.disc.parameters()) if self.disc is not None else []
 
         # Data
-        root = data_root(cfg, run)
+        self.root = root = data_root(cfg, run)
         self.loader = train_loader(cfg, run, root, tok.cfg.img_size)
         self.accum = cfg.grad_accum(info.world_size)
         self.sched = Schedule(cfg, len(self.loader), self.accum)
@@ -204,6 +205,15 @@ class TokenizerTraining:
         self.meter.close()
         skipped = count_skipped_images(self.loader, self.run)
         eval_end = self.reconstructions(f"{self.pos.step:07d}")
+        # The EMA tokenizer's latent statistics go with its final checkpoint and export, so that the
+        # DiT^DH stage and sample.py take them from here (collective: every rank encodes its share).
+        self.ema.copy_to(self.ema_tok)
+        self.latent_stats = latent_statistics(self.ema_tok, self.cfg, self.run, self.root)
+        stats = self.latent_stats
+        self.run.print(
+            f"latent statistics of the EMA tokenizer over {stats['images']} training images: channel-mean "
+            f"mean {stats['mean'].mean():.4f}, std {stats['std'].mean():.4f}"
+        )
         self.save(final=True)
         return {
             "history": self.history,
@@ -239,6 +249,8 @@ class TokenizerTraining:
                 **entries,
                 "model_config": tok.cfg.to_dict(),
             }
+            if final:
+                state["latent_stats"] = self.latent_stats
             write_checkpoint(run, state, self.pos.step, cfg.keep_last)
             if final and cfg.export:
                 self._export(run.run_dir / "tokenizer_ema.safetensors")
@@ -254,6 +266,10 @@ class TokenizerTraining:
             weights,
             {**self.tok.cfg.to_dict(), "semantic_dim": 0},
             step=self.pos.step,
+            latent_mean=self.latent_stats["mean"].tolist(),
+            latent_std=self.latent_stats["std"].tolist(),
+            latent_stats_images=self.latent_stats["images"],
+            latent_stats_fingerprint=self.latent_stats["tokenizer_fingerprint"],
             stage=self.cfg.stage,
             train_config=self.cfg.to_dict(),
         )
