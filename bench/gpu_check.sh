@@ -37,13 +37,16 @@ python -c "import rectok.kernels; print('rectok.kernels from', rectok.kernels.__
 
 echo "== CUDA tests =="
 # Optional packages missing there (lpips, torch-fidelity, DALI) must not stop the rest.
-# -o addopts: pyproject's addopts carry --benchmark-disable, which pytest rejects outright when
-# pytest-benchmark is not installed. SIGINT at the limit: pytest still prints its summary.
+# -o addopts: whatever pyproject's addopts hold, plain "-ra" here. SIGINT at the limit: pytest
+# still prints its summary.
 timeout -s INT -k 30 180 python -m pytest -q -m cuda tests -p no:cacheprovider -o addopts="-ra" \
   --durations=10 --continue-on-collection-errors 2>&1 | tee "$out/cuda_tests.txt" | tail -40
 
 echo "== kernel benchmark =="
 timeout 250 python bench/kernels.py --quick --budget-s 200 --out "$out" 2>&1 | tee "$out/kernels_log.txt" | tail -80
+
+echo "== memory per preset =="
+timeout 60 python bench/memory.py --out "$out" 2>&1 | tee "$out/memory_log.txt" | tail -20
 
 if [ -f bench/models.py ]; then
   echo "== model benchmark =="

@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from rectok import kernels
-from rectok.models.layers import Attention, RMSNorm, SwiGLUMLP
+from rectok.models.layers import Attention, RMSNorm, SwiGLUMLP, run_block
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,7 @@ class DiTDH(nn.Module):
         (d_s, d_x), (n_s, n_x), (h_s, h_x) = cfg.hidden_size, cfg.depth, cfg.num_heads
         self.num_classes = cfg.num_classes
         self.label_dropout = cfg.label_dropout  # settable; only used in training mode
+        self.activation_checkpointing = False  # set_activation_checkpointing
 
         self.s_embedder = nn.Linear(cfg.in_channels, d_s)  # the release's 1x1 conv
         self.x_embedder = nn.Linear(cfg.in_channels, d_x)
@@ -246,12 +247,12 @@ class DiTDH(nn.Module):
 
         s = self.s_embedder(tokens) + self.pos_embed  # (B, L, d_s)
         for block in self.trunk_blocks:
-            s = block(s, c, self.trunk_rope)
+            s = run_block(block, self.activation_checkpointing, s, c, self.trunk_rope)
         s = self.s_projector(F.silu(t_emb[:, None, :] + s))  # (B, L, d_x)
 
         h = self.x_embedder(tokens)  # (B, L, d_x)
         for block in self.head_blocks:
-            h = block(h, s, self.head_rope)
+            h = run_block(block, self.activation_checkpointing, h, s, self.head_rope)
         out = self.final_layer(h, s)  # (B, L, C)
         return rearrange(out, "b (h w) c -> b c h w", h=H)
 

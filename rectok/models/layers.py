@@ -8,6 +8,7 @@ the backend (Triton or PyTorch reference) is chosen in one place.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from rectok import kernels
@@ -77,3 +78,22 @@ class Block(nn.Module):
         """x [B, L, dim] -> [B, L, dim]."""
         x = x + self.attn(self.norm1(x), rope_table)
         return x + self.mlp(self.norm2(x))
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args: torch.Tensor) -> torch.Tensor:
+    """block(*args), with activation checkpointing when `checkpointing` and autograd is recording:
+    only the block's inputs are kept for backward and its forward runs again there (no random
+    draws inside a block, so the recomputation is exact)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing per transformer block on or off in every module of `model` that
+    supports it (the tokenizer's trunks, DiT^DH); returns how many modules it set. State-dict names
+    are unchanged, and it composes with torch.compile (checkpointing traces), DDP and FSDP."""
+    found = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
+    for m in found:
+        m.activation_checkpointing = enabled
+    return len(found)

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from rectok.models import flow
-from rectok.models.layers import Block, RMSNorm, mlp_hidden_dim
+from rectok.models.layers import Block, RMSNorm, mlp_hidden_dim, run_block
 
 # Official size table (width -> heads) for the ViT parts; see SPEC section 2.
 VIT_SIZES = {
@@ -168,11 +168,12 @@ class _Trunk(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_hidden_dim(width)) for _ in range(depth)])
         self.norm_post = RMSNorm(width)
         self.register_buffer("rope_table", tokenizer_rope_table(grid, width // heads), persistent=False)
+        self.activation_checkpointing = False  # set_activation_checkpointing
 
     def run(self, h: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         h = self.norm_pre(h)
         for block in self.blocks:
-            h = block(h, rope)
+            h = run_block(block, self.activation_checkpointing, h, rope)
         return self.norm_post(h)
 
 

@@ -156,6 +156,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs float32
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     kernels: str = "auto"  # auto | triton | torch (rectok.kernels backend)
     epochs: float = 200.0
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)

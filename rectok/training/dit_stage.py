@@ -17,6 +17,7 @@ from rectok import kernels
 from rectok.checkpoints import loading, store
 from rectok.models import flow
 from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
+from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import DiagonalGaussian
 from rectok.sampling.euler import euler_sample
 from rectok.sampling.images import save_image_rows
@@ -231,6 +232,8 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
         D.shard_fsdp(dit, [*dit.trunk_blocks, *dit.head_blocks])
     ema = EMA(dit, cfg.optim.ema_decay)  # after sharding: under FSDP the average is sharded too
     opt = build_adamw(dit, cfg.base_lr(), cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(dit)
     if cfg.compile:
         compile_blocks(dit)
     fwd = dit if fsdp else D.wrap_ddp(dit, info)

@@ -16,6 +16,7 @@ from torch import nn
 from rectok.checkpoints import store
 from rectok.eval.image_metrics import psnr
 from rectok.models.discriminator import PatchDiscriminator
+from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import RecTok
 from rectok.sampling.images import save_image_rows
 from rectok.training import distributed as D
@@ -88,6 +89,8 @@ class TokenizerTraining:
         self.eval_x = self.held_out.images.to(device)
 
         # Wrappers, applied from outside: the bare modules are what gets saved.
+        if cfg.activation_checkpointing:
+            set_activation_checkpointing(tok)
         if cfg.compile:
             compile_blocks(tok)
         self.fwd = D.wrap_ddp(trained, info)
