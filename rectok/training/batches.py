@@ -36,6 +36,11 @@ def _split(root: Path, name: str) -> str | None:
     return name if (root / name).is_dir() else None
 
 
+def held_out_split(root: Path) -> str | None:
+    """The split held-out images come from: val, or the train split when there is none."""
+    return _split(root, "val") or _split(root, "train")
+
+
 def train_loader(cfg: TrainConfig, run: Run, root: Path, image_size: int):
     """This rank's shard of the train split: --data.crop crops (ADM center crops by default) and
     random flips, reshuffled every epoch."""
@@ -99,7 +104,7 @@ def held_out_images(count: int, root: Path, image_size: int) -> HeldOut:
     """`count` images spread evenly over the val split (train split if there is none), center
     crop, no flip, [-1, 1]: the same images for every run on this dataset. Unreadable picks are
     dropped and listed in `skipped`; none readable at all is an error."""
-    samples = resolve_samples(root, _split(root, "val") or _split(root, "train"))
+    samples = resolve_samples(root, held_out_split(root))
     dataset = ImageDataset(samples, image_size=image_size, crop="center", hflip=False, on_error="drop")
     picks = np.linspace(0, len(samples) - 1, min(count, len(samples))).round().astype(int)
     images, skipped = [], []

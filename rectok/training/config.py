@@ -74,6 +74,8 @@ class DataConfig:
     num_workers: int = 4
     eval_images: int = 16  # held-out images for the reconstruction grid / PSNR
     stats_images: int = 0  # images for the latent statistics, evenly spread over the train split; 0 = all
+    online_eval_images: int = 5000  # the fixed held-out subset of --eval_every (evenly spread over val)
+    inception_weights: str = ""  # FID Inception-v3 weights for the online rFID ("" = the hub cache)
 
 
 @dataclass
@@ -163,6 +165,9 @@ class TrainConfig:
     global_batch: int = 1024  # images per optimizer step over all ranks
     micro_batch: int = 64  # images per GPU per forward
     log_every: int = 50
+    # Online evaluation every N epochs (0 = off): the EMA tokenizer's PSNR / SSIM / rFID on the
+    # held-out subset data.online_eval_images (a monitor, not the paper's protocol)
+    eval_every: float = 0.0
     image_every: int = 1000  # reconstruction / sample grid PNG every N steps (0 = start and end only)
     ckpt_every: int = 5000  # checkpoint every N steps (and at the end)
     keep_last: int = 3
@@ -257,6 +262,8 @@ class TrainConfig:
         err.choice("data.crop", self.data.crop, CROPS)
         err.check(self.data.eval_images >= 1, "data.eval_images must be >= 1")
         err.check(self.data.stats_images >= 0, "data.stats_images must be >= 0 (0 = all)")
+        err.check(self.data.online_eval_images >= 2, "data.online_eval_images must be >= 2 (rFID needs two)")
+        err.check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = off), got {self.eval_every}")
 
         o = self.optim
         err.check(o.lr >= 0, f"optim.lr must be >= 0 (0 = scale blr by the batch), got {o.lr}")
@@ -385,6 +392,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "optim.grad_clip": 3.0,
         "optim.ema_decay": 0.999,
         "loss.gan_start_epoch": 100,
+        "eval_every": 10,  # online PSNR / SSIM / rFID on 5k held-out images (not the paper's protocol)
     },
     # Stage 2: pixel decoder only, 100 epochs, lr 5e-5 * 1024 / 256, 5% warm-up, GAN from epoch 0.
     ("decoder", "rectok-B"): {

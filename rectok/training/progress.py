@@ -138,6 +138,9 @@ RESUMABLE_CHANGES = {
     "debug_nan_steps",
     "wandb",
     "progress",
+    "eval_every",
+    "data.online_eval_images",
+    "data.inception_weights",
 }
 
 

@@ -20,7 +20,7 @@ from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import RecTok
 from rectok.sampling.images import save_image_rows
 from rectok.training import distributed as D
-from rectok.training.batches import data_root, held_out_images, step_batches, train_loader
+from rectok.training.batches import data_root, held_out_images, held_out_split, step_batches, train_loader
 from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
 from rectok.training.latents import latent_statistics
@@ -32,6 +32,7 @@ from rectok.training.loop import (
     write_checkpoint,
 )
 from rectok.training.losses import DiscriminatorLoss, LossWeights, PerceptualLoss
+from rectok.training.online_eval import CAVEAT, OnlineEvaluator
 from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.runtime import Run, compile_blocks, nonfinite_any, optimizer_step, seed_everything
@@ -87,6 +88,20 @@ class TokenizerTraining:
         if self.held_out.skipped:
             run.print(self.held_out.warning())
         self.eval_x = self.held_out.images.to(device)
+        self.eval_every = round(cfg.eval_every * self.sched.steps_per_epoch) if cfg.eval_every else 0
+        self.online = None
+        if self.eval_every and info.is_main:
+            self.online = OnlineEvaluator(
+                root,
+                held_out_split(root),
+                cfg.data.online_eval_images,
+                tok.cfg.img_size,
+                device,
+                run.run_dir,
+                cfg.data.inception_weights,
+                cfg.micro_batch,
+                cfg.data.num_workers,
+            )
 
         # Wrappers, applied from outside: the bare modules are what gets saved.
         if cfg.activation_checkpointing:
@@ -199,6 +214,21 @@ class TokenizerTraining:
         self.history.append(D.all_reduce_mean(sums["loss"]).item())
         self.meter.update()
         periodic_hooks(cfg, step, total, self.reconstructions, self.save)
+        if self.eval_every and (step % max(self.eval_every, 1) == 0 or step == total):
+            self.online_evaluation(step)
+
+    def online_evaluation(self, step: int) -> None:
+        """--eval_every: the EMA tokenizer on the held-out subset, logged at `step` (rank 0 evaluates,
+        the other ranks wait)."""
+        if self.online is not None:
+            self.ema.copy_to(self.ema_tok)
+            metrics = self.online(self.ema_tok, self.run.amp_dtype)
+            self.run.log(step, metrics)
+            shown = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items())
+            self.run.print(f"online eval at step {step} ({self.online.num_images} held-out images): {shown}")
+            if "online/rfid_subset" in metrics:
+                self.run.print(f"  ({CAVEAT})")
+        D.barrier()
 
     def finish(self) -> dict[str, Any]:
         """The end of the run: the last grid and held-out PSNR, the final checkpoint and export; returns
