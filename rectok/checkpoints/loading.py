@@ -187,6 +187,17 @@ def _read(
         return state, config if isinstance(config, dict) else None, meta
     _verified(path, what, verify)
     obj = store.load_checkpoint(path)
+    if isinstance(obj, Mapping) and "sharded" in obj and "model" not in obj:
+        export = next(iter(sorted(path.parent.glob("*_ema.safetensors"))), None)
+        if use_ema and export is not None:
+            log.info("%s is a sharded FSDP checkpoint: reading the run's EMA export %s", path, export)
+            return _read(export, what, use_ema, keep_ema, verify)
+        shards = path.parent / obj["sharded"]["dir"]
+        raise ValueError(
+            f"{what}: {path} is a sharded FSDP checkpoint (its weights are the shards in {shards}): load "
+            f"the run's EMA export (written at its end), or consolidate the shards with `python -m "
+            f"torch.distributed.checkpoint.format_utils dcp_to_torch {shards} full.pt`"
+        )
     if isinstance(obj, Mapping) and "model_config" in obj and ("model" in obj or "ema" in obj):
         ema = obj.get("ema")
         if use_ema and isinstance(ema, Mapping):

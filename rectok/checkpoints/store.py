@@ -230,13 +230,17 @@ VERIFY_MODES = ("full", "size")
 RUN_FILES = (LATEST, MANIFEST, "metrics.jsonl", "metrics.json")
 # atomic_write's temp names: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+SHARD_SUFFIX = ".dcp"  # the shard folders of FSDP checkpoints (rectok.checkpoints.sharded)
+_PARTIAL_SHARDS_RE = re.compile(r"^\.ckpt_\d+\.dcp\.partial$")  # a shard folder being written
 
 
 def previous_run_files(run_dir: str | os.PathLike) -> list[Path]:
-    """Files in run_dir that a previous run wrote: checkpoints (readable or not), `latest`, the
-    manifest and non-empty metrics. Empty when the folder is new (or missing)."""
+    """Files in run_dir that a previous run wrote: checkpoints (readable or not; with the shard
+    folders of FSDP runs), `latest`, the manifest and non-empty metrics. Empty when the folder is
+    new (or missing)."""
     run_dir = Path(run_dir)
     found = [p for p in run_dir.glob(f"{PREFIX}*{SUFFIX}") if p.is_file()] if run_dir.is_dir() else []
+    found += [p for p in run_dir.glob(f"{PREFIX}*{SHARD_SUFFIX}") if p.is_dir()] if run_dir.is_dir() else []
     for name in RUN_FILES:
         p = run_dir / name
         if p.is_file() and (name in (LATEST, MANIFEST) or p.stat().st_size > 0):
@@ -255,6 +259,10 @@ def remove_temp_files(run_dir: str | os.PathLike) -> tuple[int, int]:
         if p.is_file() and _TEMP_RE.match(p.name):
             size = p.stat().st_size
             p.unlink(missing_ok=True)
+            count, freed = count + 1, freed + size
+        elif p.is_dir() and _PARTIAL_SHARDS_RE.match(p.name):
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p, ignore_errors=True)
             count, freed = count + 1, freed + size
     if count:
         log.warning(

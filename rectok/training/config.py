@@ -146,7 +146,8 @@ class DiTTrainConfig:
     # when it has none, or when loaded at another size); recompute; or a statistics file
     latent_stats: str = "tokenizer"
     sample_steps: int = 50  # Euler grid points of the periodic sample grids
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard of every block)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard of every block; sharded DCP checkpoints)
+    async_save: bool = False  # fsdp: write checkpoints in the background (DCP async_save)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from rectok import kernels
-from rectok.checkpoints import loading, store
+from rectok.checkpoints import loading, sharded, store
 from rectok.models import flow
 from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
 from rectok.models.layers import set_activation_checkpointing
@@ -87,8 +87,27 @@ def flow_matching_loss(
     return kernels.velocity_mse(v.float(), x1, eps)
 
 
-def _load_sharded(dit: DiTDH, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Every rank passes the full model and optimizer state and keeps its FSDP2 shard."""
+def _sharded_state(dit: DiTDH, opt: torch.optim.Optimizer, ema: EMA) -> dict:
+    """This rank's shards of the model, the optimizer and the EMA averages (DTensors, no gather):
+    what a sharded checkpoint holds, and the template it loads into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {
+        "model": get_model_state_dict(dit),
+        "optimizer": get_optimizer_state_dict(dit, opt),  # initialises an empty AdamW state first
+        "ema": {"params": ema.params, "buffers": ema.buffers},  # loaded in place
+    }
+
+
+def _set_sharded_state(dit: DiTDH, opt: torch.optim.Optimizer, shards: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(dit, shards["model"])
+    set_optimizer_state_dict(dit, opt, shards["optimizer"])
+
+
+def _load_full_into_shards(dit: DiTDH, opt: torch.optim.Optimizer, state: dict) -> None:
+    """A full (unsharded) checkpoint into an FSDP run: every rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -98,14 +117,6 @@ def _load_sharded(dit: DiTDH, opt: torch.optim.Optimizer, state: dict) -> None:
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(dit, state["model"], options=full)
     set_optimizer_state_dict(dit, opt, state["optimizer"], options=full)
-
-
-def _full_optimizer_state(dit: DiTDH, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer state gathered from the FSDP2 shards (on CPU; a collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(dit, opt, options=full)
 
 
 def _full_ema_state(ema: EMA) -> dict:
@@ -244,41 +255,67 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     seed_everything(cfg.seed * 1000 + info.rank)
     pos = Position()
     if state is not None:
-        if fsdp:
-            _load_sharded(dit, opt, state)
+        if "sharded" in state:  # an FSDP run's shards (DCP), resharded onto this world size
+            shards = _sharded_state(dit, opt, ema)
+            sharded.load_sharded(resume.parent, state["sharded"], shards)
+            _set_sharded_state(dit, opt, shards)
+            ema.decay, ema.num_updates = state["ema_meta"]["decay"], state["ema_meta"]["num_updates"]
+        elif fsdp:
+            _load_full_into_shards(dit, opt, state)
+            ema.load_state_dict(state["ema"])
         else:
             dit.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
         pos = resume_position(state, resume, sched, run, cfg, loader)
 
+    pending: list[sharded.PendingSave] = []  # an async sharded save still being written
+
     def save(final: bool = False) -> None:
-        # Gathering the state is collective under FSDP: every rank takes part, rank 0 writes.
+        # Collective: every rank gathers its RNG states (and, under FSDP, writes its shards).
         entries = run_entries(pos, sched, run, cfg, loader)
-        model_sd = D.full_state_dict(dit)
-        ema_sd = _full_ema_state(ema)
-        opt_sd = _full_optimizer_state(dit, opt) if fsdp else opt.state_dict()
-        if info.is_main:
-            state = {
-                "model": model_sd,
-                "ema": ema_sd,
-                "optimizer": opt_sd,
-                "scaler": scaler.state_dict(),
-                **entries,
-                "model_config": asdict(dcfg),
-                "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
-                "tokenizer": str(cfg.dit.tokenizer_ckpt),
-                "tokenizer_fingerprint": tok_print,
-                "tokenizer_img_size": tcfg.img_size,
-                "time_shift": shift,
-            }
-            write_checkpoint(run, state, pos.step, cfg.keep_last)
-            if final and cfg.export:
+        state = {
+            "scaler": scaler.state_dict(),
+            **entries,
+            "model_config": asdict(dcfg),
+            "latent_stats": {"mean": mu.cpu(), "std": std.cpu()},
+            "tokenizer": str(cfg.dit.tokenizer_ckpt),
+            "tokenizer_fingerprint": tok_print,
+            "tokenizer_img_size": tcfg.img_size,
+            "time_shift": shift,
+        }
+        step = pos.step
+        if fsdp:  # no gather: every rank writes its shards, then rank 0 the small .pt pointing at them
+            while pending:
+                pending.pop().finish()
+
+            def write_pointer(listing: dict) -> None:
+                meta = {"decay": ema.decay, "num_updates": ema.num_updates}
+                write_checkpoint(run, {**state, "ema_meta": meta, "sharded": listing}, step, cfg.keep_last)
+                sharded.prune(run.run_dir)
+
+            job = sharded.save_sharded(
+                run.run_dir,
+                step,
+                _sharded_state(dit, opt, ema),
+                write_pointer,
+                cfg.dit.async_save and not final,
+            )
+            if cfg.dit.async_save and not final:
+                pending.append(job)
+            else:
+                job.finish()
+        elif info.is_main:
+            full = {"model": D.full_state_dict(dit), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
+            write_checkpoint(run, {**full, **state}, step, cfg.keep_last)
+        if final and cfg.export:
+            ema_sd = _full_ema_state(ema)  # collective under FSDP: the one gather, for the export
+            if info.is_main:
                 weights = {**ema_sd["params"], **ema_sd["buffers"]}
                 store.export_safetensors(
                     run.run_dir / "dit_ema.safetensors",
-                    {k: weights[k] for k in model_sd},
+                    {k: weights[k] for k in dit.state_dict()},
                     asdict(dcfg),
                     step=pos.step,
                     latent_mean=mu.tolist(),
