@@ -242,3 +242,34 @@ def test_resample_functions_touch_only_position_tensors():
     out = resolution.resample_dit_state(dit, 8, 3)
     assert all(out[k] is dit[k] for k in dit if k != "pos_embed")
     assert torch.equal(out["pos_embed"], sincos_pos_embed_2d(128, 3)[None])
+
+
+def test_training_and_sampling_at_another_resolution(demo_16, tmp_path):
+    """--tok.img_size: a 64 px demo tokenizer fine-tuned (stage 2) and a DiT^DH trained on its
+    latents at 128 px; sample.py then samples 128 px images from that DiT^DH by itself."""
+    from conftest import load_script
+
+    train, sample = load_script("train.py"), load_script("sample.py")
+    common = [
+        "--data.path", str(demo_16), "--global_batch", "4", "--micro_batch", "4", "--max_steps", "1",
+        "--log_every", "1", "--image_every", "0", "--ckpt_every", "0", "--tensorboard", "false",
+        "--data.eval_images", "2", "--data.num_workers", "0",
+    ]  # fmt: skip
+    train.main([*common, "--run_dir", str(tmp_path / "tok")])
+    stage2 = ["--stage", "decoder", "--tok.init_from", str(tmp_path / "tok"), "--tok.img_size", "128"]
+    dec = train.main([*common, "--run_dir", str(tmp_path / "dec"), *stage2])
+    assert dec["model"].cfg.img_size == 128 and dec["model"].cfg.grid_size == 8
+    dit_args = ["--stage", "dit", "--dit.tokenizer_ckpt", str(tmp_path / "tok"), "--tok.img_size", "128"]
+    dit = train.main([*common, "--run_dir", str(tmp_path / "dit"), *dit_args, "--dit.sample_steps", "2"])
+    assert dit["model"].config.grid_size == 8
+    out = sample.main(
+        ["--dit", str(tmp_path / "dit"), "--num-points", "2", "--per-class", "1", "--classes", "0",
+         "--device", "cpu", "--out", str(tmp_path / "s"), "--no-progress", "--name", "s"]
+    )  # fmt: skip
+    assert out is not None
+    import numpy as np
+
+    with np.load(tmp_path / "s" / "s.npz") as f:
+        assert f["arr_0"].shape == (1, 128, 128, 3)
+    with pytest.raises(ValueError, match="not a multiple of"):
+        train.main([*common, "--run_dir", str(tmp_path / "bad"), *dit_args[:-1], "100"])
