@@ -219,7 +219,11 @@ total = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(total)
 env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 row = {"rank": info.rank, "world": info.world_size, "local": info.local_rank, "sum": total.item()}
-print(json.dumps({**row, "group": dist.get_world_size(), **env}))
+line = json.dumps({**row, "group": dist.get_world_size(), **env})
+if os.environ.get("ROW_DIR"):  # torchrun's children share one stdout: their lines can interleave
+    with open(os.path.join(os.environ["ROW_DIR"], f"rank{info.rank}.json"), "w") as f:
+        f.write(line)
+print(line)
 D.shutdown()
 """
 
@@ -357,10 +361,10 @@ def test_rendezvous_arguments_start_a_real_torchrun(fake_bin, tmp_path):
     run = f'cd {ROOT}; {sys.executable} -m torch.distributed.run "${{TORCHRUN_ARGS[@]}}" {script}'
     proc = _source_rendezvous(
         fake_bin, run, SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1",
-        SLURM_GPUS_PER_NODE="2",
+        SLURM_GPUS_PER_NODE="2", ROW_DIR=str(tmp_path),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 for r in rows)
 
