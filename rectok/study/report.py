@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rectok.models.flow import timestep_shift
+from rectok.models.tokenizer import tokenizer_config
+from rectok.training.config import PRESETS as TRAIN_PRESETS
 
 PAPER = "RecTok (CVPR 2026): linear probe on x_t 55.40% with FSD vs 44.35% without"
 
@@ -201,7 +202,8 @@ def _tables(results: dict, c: dict, taus: list[str], chance: float) -> list[str]
 def _setup(results: dict) -> list[str]:
     cfg, t = results["config"], results["teacher"]
     tr = t["training"]
-    shift = timestep_shift(4, 4, 16)  # rectok-tiny: 64 px / patch 16 = 4 x 4 tokens, C = 16
+    tok = tokenizer_config(TRAIN_PRESETS[("tokenizer", "tiny")]["tok.preset"])  # what the runs trained
+    shift, g, c = tok.shift, tok.grid_size, tok.token_channels
     median = shift * 0.5 / (1 + (shift - 1) * 0.5)  # tau at u = 0.5
     over_half = 1 - 1 / (shift + 1)  # P(tau > 0.5): tau(u) = 0.5 at u = 1 / (s + 1)
     return [
@@ -231,9 +233,10 @@ def _setup(results: dict) -> list[str]:
         "- Probe: rectok.eval.probe.probe_along_flow on each run's EMA export (tokenizer_ema.safetensors): "
         "posterior mean z, z_t = (1 - tau) z + tau eps with eps fixed per image, mean over the 16 tokens, "
         "L-BFGS logistic regression fit on all train images, scored on all val images.",
-        f"- Scale: the forward flow's shift is s = sqrt(4 * 4 * 16 / 4096) = {shift:.2f} here (2.83 in the "
-        f"paper), so training tau is mostly small (median {median:.2f}; tau > 0.5 on {100 * over_half:.0f}% "
-        "of steps); and mean-pooling 16 tokens shrinks the probe's noise to tau / 4 per channel.",
+        f"- Scale: the forward flow's shift is s = sqrt({g} * {g} * {c} / 4096) = {shift:.2f} here "
+        f"(2.83 in the paper), so training tau is mostly small (median {median:.2f}; "
+        f"tau > 0.5 on {100 * over_half:.0f}% of steps); and mean-pooling 16 tokens shrinks the "
+        "probe's noise to tau / 4 per channel.",
     ]
 
 
