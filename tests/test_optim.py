@@ -9,6 +9,7 @@ its closed form in float32, copies frozen parameters and buffers, and round-trip
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -17,7 +18,14 @@ from torch import nn
 
 from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.training.ema import EMA
-from rectok.training.optim import LRSchedule, build_adamw, clip_grad_norm, param_groups, set_lr
+from rectok.training.optim import (
+    LRSchedule,
+    build_adamw,
+    clip_grad_norm,
+    param_groups,
+    set_lr,
+    use_fused,
+)
 
 
 def _names(model: nn.Module, group: dict) -> set[str]:
@@ -174,3 +182,45 @@ def test_ema_state_dict_roundtrip_and_mismatch():
         EMA(nn.Linear(3, 3), decay=0.9).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         EMA(net, decay=1.0)
+
+
+def test_use_fused_picks_the_fused_adamw_on_cuda_only_by_default():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_fused("auto", cuda) is True and use_fused("auto", cpu) is None
+    assert use_fused("on", cpu) is True and use_fused("off", cuda) is None
+    with pytest.raises(ValueError, match="unknown optim.fused 'yes'; choose one of auto, on, off"):
+        use_fused("yes", cpu)
+    # "on" works on a CPU too (torch's fused CPU AdamW) and agrees with the default to rounding
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    fused = build_adamw(model, 1e-2, 0.1, fused=use_fused("on", cpu))
+    plain = build_adamw(twin, 1e-2, 0.1, fused=use_fused("off", cpu))
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for m, opt in ((model, fused), (twin, plain)):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_read_of_the_flags_skips_exactly_the_nonfinite_updates():
+    from rectok.training.runtime import nonfinite_flag, read_flags, step_or_skip, unscale_and_clip
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model = nn.Linear(4, 2)
+    opt = build_adamw(model, 1e-2, 0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(3, 4)).sum()
+    loss.backward()
+    model.bias.grad[0] = float("inf")  # a finite loss, a non-finite grad norm
+    norm, norm_flag = unscale_and_clip(opt, scaler, list(model.parameters()), 1.0)
+    assert not math.isfinite(norm.item())
+    assert read_flags(nonfinite_flag(loss.detach()), norm_flag) == [False, True]
+    step_or_skip(opt, scaler, skip=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not opt.state  # cleared, no AdamW step
+    assert read_flags(nonfinite_flag(torch.tensor([1.0, float("nan")]))) == [True]

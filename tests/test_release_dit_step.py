@@ -7,7 +7,7 @@ clipping of each step, and the parameters and EMA after the second step, in the 
 
 Starting from the same official weights (../shared/fixtures/official), our pieces of the DiT^DH
 training loop (rectok/training/dit_stage.py: flow_matching_loss with the release's draws injected,
-build_adamw's parameter groups, set_lr, optimizer_step with clip_grad_norm, EMA.update) reproduce:
+build_adamw's parameter groups, set_lr, unscale_and_clip / step_or_skip, EMA.update) reproduce:
 - our time t = 1 - s u / (1 + (s - 1) u) from the release's uniform draw u, and the labels after
   dropout (the release's t = 1 is data too, so the draws carry over unmapped);
 - the no-weight-decay group, tensor by tensor (under weight decay 0.02, so that it matters);
@@ -42,7 +42,7 @@ from rectok.training.dit_stage import DiTDraws, flow_matching_loss
 from rectok.training.ema import EMA
 from rectok.training.optim import build_adamw, set_lr
 from rectok.training.progress import Schedule
-from rectok.training.runtime import optimizer_step
+from rectok.training.runtime import read_flags, step_or_skip, unscale_and_clip
 
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 1e-4
@@ -83,8 +83,9 @@ def _replay(official_state: str) -> dict:
         set_lr(opt, ref[f"step{i}.lr"].item())
         loss = flow_matching_loss(dit, ref[f"step{i}.x"], ref[f"step{i}.y"], shift, draws=draws)
         scaler.scale(loss).backward()
-        gnorm, skipped = optimizer_step(opt, scaler, list(dit.parameters()), info["grad_clip"], skip=False)
-        assert not skipped
+        gnorm, norm_flag = unscale_and_clip(opt, scaler, list(dit.parameters()), info["grad_clip"])
+        assert read_flags(norm_flag) == [False]
+        step_or_skip(opt, scaler, skip=False)
         ema.update(dit)
         out[f"step{i}.loss"], out[f"step{i}.grad_norm"] = loss.detach(), gnorm
         out[f"step{i}.t"] = 1.0 - flow.shift_tau(draws.u, shift)

@@ -50,7 +50,7 @@ from rectok.training.losses import (
     tokenizer_loss,
 )
 from rectok.training.optim import LRSchedule, build_adamw, set_lr
-from rectok.training.runtime import optimizer_step
+from rectok.training.runtime import step_or_skip, unscale_and_clip
 from rectok.training.tokenizer_stage import stage1_losses
 
 LOSS_TOL = 1e-5
@@ -277,14 +277,15 @@ class Stage1:
         terms["loss"].backward()
         params = [p for p in self.tok.parameters() if p.requires_grad]
         out = {k: float(v.detach()) for k, v in terms.items()}
-        out["grad_norm"] = float(optimizer_step(self.opt, self.scaler, params, 3.0, skip=False)[0])
+        out["grad_norm"] = float(unscale_and_clip(self.opt, self.scaler, params, 3.0)[0])
+        step_or_skip(self.opt, self.scaler, skip=False)
         if gan_on:
             d_terms = self.disc(x * 0.5 + 0.5, x_hat.detach().float() * 0.5 + 0.5)
             d_terms["d_loss"].backward()
             out["d_loss"] = float(d_terms["d_loss"].detach())
-            out["d_grad_norm"] = float(
-                optimizer_step(self.opt_d, self.scaler, list(self.disc.parameters()), 3.0, skip=False)[0]
-            )
+            d_params = list(self.disc.parameters())
+            out["d_grad_norm"] = float(unscale_and_clip(self.opt_d, self.scaler, d_params, 3.0)[0])
+            step_or_skip(self.opt_d, self.scaler, skip=False)
         self.ema.update(self.tok)
         return out
 

@@ -481,3 +481,18 @@ def test_unreadable_images_are_counted_in_metrics(data, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["heldout_images"], metrics["heldout_skipped"]) == (7, 1)
     assert metrics["skipped_images"] == 1 and res["skipped_images"] == 1
+
+
+def test_losses_read_only_at_log_steps_are_the_same_history(data, tmp_path, stage1):
+    # The loop reads the losses to the host at log steps only (one sync for all the steps since
+    # the last one): the history and the logged records must be those of --log_every 1.
+    _, every_step = stage1
+    res = train.main(
+        _args(data, tmp_path, "--max_steps", "3", "--loss.gan", "0.5", "--loss.gan_start_epoch", "0",
+              "--log_every", "2")
+    )  # fmt: skip
+    assert res["history"] == every_step["history"]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "loss" in r]
+    assert steps == [2, 3]
+    assert [r["loss"] for r in logged if "loss" in r] == every_step["history"][1:]

@@ -42,6 +42,7 @@ from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
 from rectok.training.distributed import DEVICES
 from rectok.training.losses import SEMANTIC_TOKENS
 from rectok.training.losses import WEIGHT_MODES as PERCEPTUAL_WEIGHTS
+from rectok.training.optim import FUSED_CHOICES
 from rectok.training.optim import SCHEDULES as LR_SCHEDULES
 
 # The choices of the options that name a behaviour are those of the module that implements it.
@@ -92,6 +93,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 3.0  # max total grad norm; 0 disables clipping (the norm is logged either way)
     ema_decay: float = 0.999
+    fused: str = "auto"  # AdamW kernel: auto (fused on CUDA) | on | off (see rectok.training.optim.use_fused)
 
 
 @dataclass
@@ -271,6 +273,7 @@ class TrainConfig:
         err.check(o.blr > 0 or o.lr > 0, f"optim.blr must be > 0, got {o.blr}")
         err.check(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
         err.choice("optim.schedule", o.schedule, LR_SCHEDULES)
+        err.choice("optim.fused", o.fused, FUSED_CHOICES)
         for name in ("warmup_epochs", "hold_epochs", "decay_end_epochs", "weight_decay", "grad_clip"):
             err.check(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
         err.check(

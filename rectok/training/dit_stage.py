@@ -39,14 +39,16 @@ from rectok.training.loop import (
     run_entries,
     write_checkpoint,
 )
-from rectok.training.optim import build_adamw, set_lr
+from rectok.training.optim import build_adamw, set_lr, use_fused
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.runtime import (
     Run,
     compile_blocks,
-    nonfinite_any,
-    optimizer_step,
+    nonfinite_flag,
+    read_flags,
     seed_everything,
+    step_or_skip,
+    unscale_and_clip,
 )
 
 TOKENIZER_HINT = "Train a tokenizer first: `python train.py` writes runs/demo."
@@ -242,7 +244,8 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if fsdp:
         D.shard_fsdp(dit, [*dit.trunk_blocks, *dit.head_blocks])
     ema = EMA(dit, cfg.optim.ema_decay)  # after sharding: under FSDP the average is sharded too
-    opt = build_adamw(dit, cfg.base_lr(), cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt = build_adamw(dit, cfg.base_lr(), cfg.optim.weight_decay, betas, use_fused(cfg.optim.fused, device))
     if cfg.activation_checkpointing:
         set_activation_checkpointing(dit)
     if cfg.compile:
@@ -349,7 +352,8 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
 
     # ---- loop
     nan_steps = cfg.nan_steps()
-    history: list[float] = []
+    history: list[float] = []  # the rank-mean loss of every step
+    pending_losses: list[torch.Tensor] = []  # steps whose losses are not read yet
     meter = StepMeter(run, sched, pos.step, desc="dit")  # the first sample grid counts in the wall time
     images(f"{pos.step:07d}")
     dit.train()
@@ -378,19 +382,22 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             pos.batch += 1
 
         # -------- update (skipped on any rank's non-finite loss or grad norm)
-        bad = nonfinite_any(loss_sum)
-        gnorm, bad = optimizer_step(opt, scaler, list(dit.parameters()), cfg.optim.grad_clip, skip=bad)
+        loss_flag = nonfinite_flag(loss_sum)
+        gnorm, norm_flag = unscale_and_clip(opt, scaler, list(dit.parameters()), cfg.optim.grad_clip)
+        (bad,) = read_flags(torch.maximum(loss_flag, norm_flag))  # the step's one host sync
+        step_or_skip(opt, scaler, bad)
         pos.count_update(bad, cfg.max_nonfinite, run)
         if not bad:
             ema.update(dit)
         pos.step += 1
         step = pos.step
-        loss_mean = D.all_reduce_mean(loss_sum).item()
-        history.append(loss_mean)
+        pending_losses.append(loss_sum)
 
-        # -------- hooks
+        # -------- hooks (the losses are read at log steps only: one all-reduce and sync for all)
         if step % max(cfg.log_every, 1) == 0 or step == sched.total:
-            meter.log(step, {"loss": loss_mean}, lr, gnorm, pos.nonfinite_total)
+            history += D.all_reduce_mean(torch.stack(pending_losses)).tolist()
+            pending_losses = []
+            meter.log(step, {"loss": history[-1]}, lr, gnorm, pos.nonfinite_total)
         meter.update()
         periodic_hooks(cfg, step, sched.total, images, save)
     meter.close()

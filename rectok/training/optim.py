@@ -21,6 +21,19 @@ from torch import nn
 NO_DECAY_KEYWORDS = ("bias", "norm", "ln_", "embed", "token", "gamma")
 
 SCHEDULES = ("cosine", "constant", "const_linear")
+FUSED_CHOICES = ("auto", "on", "off")  # --optim.fused
+
+
+def use_fused(setting: str, device: torch.device) -> bool | None:
+    """AdamW's implementation for --optim.fused: "auto" = the fused kernel on CUDA (one launch per
+    parameter group instead of torch's default foreach kernels) and torch's default elsewhere; "on"
+    = fused on any device; "off" = torch's default. None means torch's default (foreach on CUDA).
+    Fused and foreach agree to float rounding, not bit for bit."""
+    if setting not in FUSED_CHOICES:
+        raise ValueError(f"unknown optim.fused {setting!r}; choose one of {', '.join(FUSED_CHOICES)}")
+    if setting == "on" or (setting == "auto" and device.type == "cuda"):
+        return True
+    return None
 
 
 def no_weight_decay(name: str, param: torch.Tensor, keywords: Iterable[str] = NO_DECAY_KEYWORDS) -> bool:

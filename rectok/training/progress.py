@@ -126,6 +126,7 @@ def data_position(state: dict, sched: Schedule, run: Run, cfg: TrainConfig) -> t
 # Options that may change between a run and its continuation without a warning.
 RESUMABLE_CHANGES = {
     "resume",
+    "optim.fused",
     "ckpt_verify",
     "max_steps",
     "run_dir",

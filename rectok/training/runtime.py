@@ -2,8 +2,9 @@
 
 `Run` holds the device, autocast dtype, ranks, run folder and the metric writers (metrics.jsonl,
 TensorBoard, optionally Weights & Biases); seeding and the gathered RNG states make resumed runs
-bit-identical; `compile_blocks` applies torch.compile from outside the model; `optimizer_step`
-skips an update whose loss or grad norm is non-finite.
+bit-identical; `compile_blocks` applies torch.compile from outside the model; `unscale_and_clip`,
+`read_flags` and `step_or_skip` skip an update whose loss or grad norm is non-finite, with one host
+sync per step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -234,29 +234,37 @@ def restore_rng(states: list[dict] | None, run: Run) -> None:
     store.set_rng_state(states[run.info.rank])
 
 
-def nonfinite_any(*values: torch.Tensor) -> bool:
-    """True when any value on any rank is NaN/Inf (one host sync per optimizer step)."""
+def nonfinite_flag(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 when any value on any rank is NaN/Inf, else 0.0: a 0-dim tensor on the values' device, so
+    that the caller reads it in the step's single host sync (see `read_flags`)."""
     bad = torch.zeros((), device=values[0].device)
     for v in values:
         bad = torch.maximum(bad, (~torch.isfinite(v.detach().float())).any().float())
-    return bool(D.all_reduce_max(bad).item() > 0)
+    return D.all_reduce_max(bad)
 
 
-def optimizer_step(
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    params: list[torch.Tensor],
-    clip: float,
-    skip: bool,
-) -> tuple[torch.Tensor, bool]:
-    """Unscale, measure (and clip) the grad norm, then step unless `skip` or the norm is non-finite;
-    grads are cleared either way. Returns (grad norm before clipping, whether the update was skipped).
-    With fp16 the GradScaler handles overflowing grads itself (skips and lowers the scale)."""
+def unscale_and_clip(
+    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor], clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale the grads and clip their norm. Returns (grad norm before clipping, a `nonfinite_flag`
+    of that norm). With fp16 the flag is 0: the GradScaler skips overflowing steps itself (and
+    lowers the scale). Nothing is read to the host here."""
     scaler.unscale_(opt)
     norm = clip_grad_norm(params, clip)
-    skipped = skip or (not scaler.is_enabled() and not math.isfinite(norm.item()))
-    if not skipped:
+    if scaler.is_enabled():
+        return norm, torch.zeros((), device=norm.device)
+    total = D.full_tensor(norm.detach())  # under FSDP the norm is a DTensor: its full value
+    return norm, (~torch.isfinite(total.float())).float()
+
+
+def read_flags(*flags: torch.Tensor) -> list[bool]:
+    """The step's one host sync: every non-finite flag of the step read together."""
+    return [v > 0 for v in torch.stack(flags).tolist()]
+
+
+def step_or_skip(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: bool) -> None:
+    """Apply the update unless `skip`; the GradScaler is updated and the grads cleared either way."""
+    if not skip:
         scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return norm, skipped

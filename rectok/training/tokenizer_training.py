@@ -33,9 +33,17 @@ from rectok.training.loop import (
 )
 from rectok.training.losses import DiscriminatorLoss, LossWeights, PerceptualLoss
 from rectok.training.online_eval import CAVEAT, OnlineEvaluator
-from rectok.training.optim import build_adamw, set_lr
+from rectok.training.optim import build_adamw, set_lr, use_fused
 from rectok.training.progress import Position, Schedule, StepMeter
-from rectok.training.runtime import Run, compile_blocks, nonfinite_any, optimizer_step, seed_everything
+from rectok.training.runtime import (
+    Run,
+    compile_blocks,
+    nonfinite_flag,
+    read_flags,
+    seed_everything,
+    step_or_skip,
+    unscale_and_clip,
+)
 
 
 class TokenizerTraining:
@@ -71,8 +79,11 @@ class TokenizerTraining:
         # Optimizers: the discriminator gets its own AdamW with the same schedule.
         o = cfg.optim
         betas = (o.beta1, o.beta2)
-        self.opt = build_adamw(tok, cfg.base_lr(), o.weight_decay, betas)
-        self.opt_d = build_adamw(self.disc, cfg.base_lr(), o.weight_decay, betas) if self.disc else None
+        fused = use_fused(o.fused, device)
+        self.opt = build_adamw(tok, cfg.base_lr(), o.weight_decay, betas, fused)
+        self.opt_d = None
+        if self.disc is not None:
+            self.opt_d = build_adamw(self.disc, cfg.base_lr(), o.weight_decay, betas, fused)
         use_scaler = run.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -116,7 +127,8 @@ class TokenizerTraining:
         self._resume()
         self.ema_tok = copy.deepcopy(tok).eval().requires_grad_(False)
         self.nan_steps = cfg.nan_steps()
-        self.history: list[float] = []
+        self.history: list[float] = []  # the rank-mean loss of every step, read at log steps
+        self.pending_losses: list[torch.Tensor] = []  # this run's steps since the last read
         self.gan_on = False
         self.lr = 0.0
         self.sums: dict[str, torch.Tensor] = {}
@@ -196,26 +208,41 @@ class TokenizerTraining:
         """Update both networks (skipped on any rank's non-finite loss or grad norm), the EMA, the step
         counter, the loss history and the log; then the periodic grids and checkpoints."""
         cfg, sums, pos = self.cfg, self.sums, self.pos
-        bad = nonfinite_any(*sums.values())
-        gnorm, bad = optimizer_step(self.opt, self.scaler, self.g_params, cfg.optim.grad_clip, skip=bad)
+        # Every flag is read in one host sync: the generator is skipped on a non-finite loss (any
+        # rank) or grad norm, the discriminator on those or its own grad norm.
+        loss_flag = nonfinite_flag(*sums.values())
+        gnorm, g_flag = unscale_and_clip(self.opt, self.scaler, self.g_params, cfg.optim.grad_clip)
+        flags = [torch.maximum(loss_flag, g_flag)]
         if self.gan_on:
-            dnorm, d_bad = optimizer_step(
-                self.opt_d, self.scaler_d, self.d_params, cfg.optim.grad_clip, skip=bad
-            )
-            sums["grad_norm_d"], bad = dnorm, bad or d_bad
+            dnorm, d_flag = unscale_and_clip(self.opt_d, self.scaler_d, self.d_params, cfg.optim.grad_clip)
+            sums["grad_norm_d"] = dnorm
+            flags.append(d_flag)
+        bad, *d_own = read_flags(*flags)
+        step_or_skip(self.opt, self.scaler, bad)
+        if self.gan_on:
+            bad = bad or d_own[0]
+            step_or_skip(self.opt_d, self.scaler_d, bad)
         pos.count_update(bad, cfg.max_nonfinite, self.run)
         if not bad:
             self.ema.update(self.tok)
         pos.step += 1
         step, total = pos.step, self.sched.total
+        self.pending_losses.append(sums["loss"])
         if step % max(cfg.log_every, 1) == 0 or step == total:
+            self.flush_history()
             means = {k: D.all_reduce_mean(v).item() for k, v in sums.items()}
             self.meter.log(step, means, self.lr, gnorm, pos.nonfinite_total)
-        self.history.append(D.all_reduce_mean(sums["loss"]).item())
         self.meter.update()
         periodic_hooks(cfg, step, total, self.reconstructions, self.save)
         if self.eval_every and (step % max(self.eval_every, 1) == 0 or step == total):
             self.online_evaluation(step)
+
+    def flush_history(self) -> None:
+        """Read the pending steps' losses into the history: one all-reduce and one host sync per
+        log step instead of one per step."""
+        if self.pending_losses:
+            self.history += D.all_reduce_mean(torch.stack(self.pending_losses)).tolist()
+            self.pending_losses = []
 
     def online_evaluation(self, step: int) -> None:
         """--eval_every: the EMA tokenizer on the held-out subset, logged at `step` (rank 0 evaluates,
@@ -236,6 +263,7 @@ class TokenizerTraining:
         were used / unreadable), the unreadable training images skipped, wall time, and the bare model
         and its EMA."""
         self.meter.close()
+        self.flush_history()
         skipped = count_skipped_images(self.loader, self.run)
         eval_end = self.reconstructions(f"{self.pos.step:07d}")
         # The EMA tokenizer's latent statistics go with its final checkpoint and export, so that the
