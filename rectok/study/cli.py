@@ -1,6 +1,6 @@
 """Command line of the studies: python -m rectok.study fsd [--quick] [--out DIR] [options].
 
-python -m rectok.study fsd              # ~20 min on 2 CPU cores -> runs/study-fsd/report.md, probe.png
+python -m rectok.study fsd              # ~10 min on 2 quiet CPU cores (20 min budget) -> runs/study-fsd/
 python -m rectok.study fsd --quick      # the smoke test's version (<1 min) -> runs/study-fsd-quick/
 """
 
