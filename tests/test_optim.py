@@ -184,13 +184,14 @@ def test_ema_state_dict_roundtrip_and_mismatch():
         EMA(net, decay=1.0)
 
 
-def test_use_fused_picks_the_fused_adamw_on_cuda_only_by_default():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_fused("auto", cuda) is True and use_fused("auto", cpu) is None
-    assert use_fused("on", cpu) is True and use_fused("off", cuda) is None
+def test_use_fused_picks_the_fused_adamw_where_torch_has_one():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert use_fused("auto", cuda) is True and use_fused("auto", cpu) is True
+    assert use_fused("auto", mps) is None
+    assert use_fused("on", mps) is True and use_fused("off", cuda) is None and use_fused("off", cpu) is None
     with pytest.raises(ValueError, match="unknown optim.fused 'yes'; choose one of auto, on, off"):
         use_fused("yes", cpu)
-    # "on" works on a CPU too (torch's fused CPU AdamW) and agrees with the default to rounding
+    # the fused CPU AdamW agrees with torch's default (the release's) to rounding
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     twin = copy.deepcopy(model)

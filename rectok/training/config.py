@@ -93,7 +93,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 3.0  # max total grad norm; 0 disables clipping (the norm is logged either way)
     ema_decay: float = 0.999
-    fused: str = "auto"  # AdamW kernel: auto (fused on CUDA) | on | off (see rectok.training.optim.use_fused)
+    fused: str = "auto"  # AdamW kernel: auto (fused on CUDA and CPU) | on | off (optim.use_fused)
 
 
 @dataclass

