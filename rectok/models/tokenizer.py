@@ -195,8 +195,10 @@ class Encoder(_Trunk):
             raise ValueError(
                 f"encoder expects [B, 3, {self.img_size}, {self.img_size}] images, got {tuple(x.shape)}"
             )
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, L, W), row-major
-        h = h + self.pos_embed
+        # (B, L, W), tokens row-major. Contiguous: the transposed view would keep its layout through
+        # the position add and every block, and each Linear would copy it before its matmul
+        # (training's masking gather makes it contiguous anyway; inference did not).
+        h = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
         rope = self.rope_table
         if ids_keep is not None:
             if ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0]:
