@@ -393,6 +393,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match width {x.shape[-1]}")
     if use_triton(x, weight):
         return _rms_norm_fwd_op(x, weight, float(eps))[0]
+    if x.dtype == weight.dtype == torch.float32:
+        # torch's own op: with autograd on it runs the reference's formula (bit-identical, same
+        # backward); without (inference, sampling) its fused kernel, as nn.RMSNorm in the release.
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 

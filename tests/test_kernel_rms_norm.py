@@ -218,6 +218,27 @@ def test_reference_matches_torch_rms_norm():
     _assert_fp32_close(_run(rms_norm_reference, [x, w], dy, "torch"), want, RMS_NAMES)
 
 
+def test_torch_backend_is_the_reference_in_training_and_the_fused_op_in_inference():
+    # With autograd on, the torch path is the reference's formula bit for bit (forward and both
+    # gradients: training numerics are the reference's); without, torch's fused kernel, which is
+    # what nn.RMSNorm (the release) runs, within rounding of the reference.
+    x, w, dy = _rms_inputs((4, 9, 192), torch.float32, seed=7)
+    with use_backend("torch"):
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        ya, yb = rms_norm(xa, wa), rms_norm_reference(xb, wb)
+        assert torch.equal(ya, yb)
+        ga, gb = torch.autograd.grad(ya, (xa, wa), dy), torch.autograd.grad(yb, (xb, wb), dy)
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+        with torch.no_grad():
+            y = rms_norm(x, w)
+        release_norm = torch.nn.RMSNorm(192, eps=1e-6)
+        release_norm.weight.data.copy_(w)
+        with torch.no_grad():
+            assert torch.equal(y, release_norm(x))
+        torch.testing.assert_close(y, rms_norm_reference(x, w), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_shapes_raise():
     x = torch.randn(2, 5, 48)
     with pytest.raises(ValueError, match="weight"):
