@@ -33,6 +33,7 @@ from rectok.training.latents import (
     tokenizer_fingerprint,
 )
 from rectok.training.loop import (
+    LossHistory,
     count_skipped_images,
     periodic_hooks,
     resume_position,
@@ -352,8 +353,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
 
     # ---- loop
     nan_steps = cfg.nan_steps()
-    history: list[float] = []  # the rank-mean loss of every step
-    pending_losses: list[torch.Tensor] = []  # steps whose losses are not read yet
+    history = LossHistory()
     meter = StepMeter(run, sched, pos.step, desc="dit")  # the first sample grid counts in the wall time
     images(f"{pos.step:07d}")
     dit.train()
@@ -391,13 +391,11 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
             ema.update(dit)
         pos.step += 1
         step = pos.step
-        pending_losses.append(loss_sum)
+        history.add(loss_sum)
 
-        # -------- hooks (the losses are read at log steps only: one all-reduce and sync for all)
+        # -------- hooks (the losses reach the host at log steps only)
         if step % max(cfg.log_every, 1) == 0 or step == sched.total:
-            history += D.all_reduce_mean(torch.stack(pending_losses)).tolist()
-            pending_losses = []
-            meter.log(step, {"loss": history[-1]}, lr, gnorm, pos.nonfinite_total)
+            meter.log(step, {"loss": history.read()[-1]}, lr, gnorm, pos.nonfinite_total)
         meter.update()
         periodic_hooks(cfg, step, sched.total, images, save)
     meter.close()
@@ -405,7 +403,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     images(f"{pos.step:07d}")
     save(final=True)
     return {
-        "history": history,
+        "history": history.read(),
         "start_step": meter.start_step,
         "step": pos.step,
         "nonfinite_total": pos.nonfinite_total,

@@ -1,14 +1,17 @@
 """What every stage's training loop shares around its own networks and loss: the checkpoint entries
 that make a resumed run bit-identical, writing a checkpoint, the periodic image / checkpoint hooks,
-resuming, and the count of unreadable training images at the end. The loops themselves live in
-tokenizer_stage.py (stage 1), decoder_stage.py (stage 2) and dit_stage.py."""
+resuming, the loss history, and the count of unreadable training images at the end. The loops
+themselves live in tokenizer_stage.py (stage 1), decoder_stage.py (stage 2) and dit_stage.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from rectok.checkpoints import store
+from rectok.training import distributed as D
 from rectok.training.batches import bad_image_indices, restore_bad_images, skipped_training_images
 from rectok.training.config import TrainConfig
 from rectok.training.progress import Position, Schedule
@@ -65,3 +68,22 @@ def count_skipped_images(loader, run: Run) -> int:
     if skipped:
         run.print(f"warning: {skipped} unreadable training image(s) skipped (substituted) in this run")
     return skipped
+
+
+class LossHistory:
+    """The rank-mean loss of every step of this run. Losses stay on the device until `read`, which
+    the loops call at log steps (every rank alike: it all-reduces), so that a step costs no host
+    sync for its loss: one all-reduce and one sync per log step instead of one per step."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.pending: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach())
+
+    def read(self) -> list[float]:
+        if self.pending:
+            self.values += D.all_reduce_mean(torch.stack(self.pending)).tolist()
+            self.pending = []
+        return self.values

@@ -25,6 +25,7 @@ from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
 from rectok.training.latents import latent_statistics
 from rectok.training.loop import (
+    LossHistory,
     count_skipped_images,
     periodic_hooks,
     resume_position,
@@ -127,8 +128,7 @@ class TokenizerTraining:
         self._resume()
         self.ema_tok = copy.deepcopy(tok).eval().requires_grad_(False)
         self.nan_steps = cfg.nan_steps()
-        self.history: list[float] = []  # the rank-mean loss of every step, read at log steps
-        self.pending_losses: list[torch.Tensor] = []  # this run's steps since the last read
+        self.history = LossHistory()
         self.gan_on = False
         self.lr = 0.0
         self.sums: dict[str, torch.Tensor] = {}
@@ -227,22 +227,15 @@ class TokenizerTraining:
             self.ema.update(self.tok)
         pos.step += 1
         step, total = pos.step, self.sched.total
-        self.pending_losses.append(sums["loss"])
+        self.history.add(sums["loss"])
         if step % max(cfg.log_every, 1) == 0 or step == total:
-            self.flush_history()
+            self.history.read()
             means = {k: D.all_reduce_mean(v).item() for k, v in sums.items()}
             self.meter.log(step, means, self.lr, gnorm, pos.nonfinite_total)
         self.meter.update()
         periodic_hooks(cfg, step, total, self.reconstructions, self.save)
         if self.eval_every and (step % max(self.eval_every, 1) == 0 or step == total):
             self.online_evaluation(step)
-
-    def flush_history(self) -> None:
-        """Read the pending steps' losses into the history: one all-reduce and one host sync per
-        log step instead of one per step."""
-        if self.pending_losses:
-            self.history += D.all_reduce_mean(torch.stack(self.pending_losses)).tolist()
-            self.pending_losses = []
 
     def online_evaluation(self, step: int) -> None:
         """--eval_every: the EMA tokenizer on the held-out subset, logged at `step` (rank 0 evaluates,
@@ -263,7 +256,6 @@ class TokenizerTraining:
         were used / unreadable), the unreadable training images skipped, wall time, and the bare model
         and its EMA."""
         self.meter.close()
-        self.flush_history()
         skipped = count_skipped_images(self.loader, self.run)
         eval_end = self.reconstructions(f"{self.pos.step:07d}")
         # The EMA tokenizer's latent statistics go with its final checkpoint and export, so that the
@@ -277,7 +269,7 @@ class TokenizerTraining:
         )
         self.save(final=True)
         return {
-            "history": self.history,
+            "history": self.history.read(),
             "start_step": self.meter.start_step,
             "step": self.pos.step,
             "eval_start": self.eval_start,
