@@ -211,17 +211,17 @@ def _reading(results: dict, c: dict, taus: list[str]) -> list[str]:
     shift, paper_shift = tok.shift, tokenizer_config("rectok-B").shift
     over_half, paper_over_half = 1 - 1 / (shift + 1), 1 - 1 / (paper_shift + 1)  # P(tau > 0.5)
     mid = [t for t in taus if 0 < float(t) < 1]
-    vs_nofsd = paired(c, "FSD+RAD", "no-fsd", [t for t in taus if float(t) < 1])
+    not_pure = [t for t in taus if float(t) < 1]
+    vs_nofsd = paired(c, "FSD+RAD", "no-fsd", not_pure)
     gain = paired(c, "FSD+RAD", "no-fsd", mid)["mean"]
-    by_tau = [vs_nofsd["per_tau"][t][0] for t in sorted(vs_nofsd["per_tau"], key=float)]
+    by_tau = [vs_nofsd["per_tau"][t][0] for t in sorted(not_pure, key=float)]
     grows = all(b > a for a, b in zip(by_tau, by_tau[1:]))
-    vs_recon = paired(c, "FSD+RAD", "recon-only", [t for t in taus if float(t) < 1])
+    vs_recon = paired(c, "FSD+RAD", "recon-only", not_pure)
+    vs_align = paired(c, "FSD+RAD", "align-only", not_pure)
     sem = {
         label: statistics.fmean(r["semantic_end"] for r in results["runs"] if r["label"] == label)
         for label in ("FSD+RAD", "align-only")
     }
-    not_pure = [t for t in taus if float(t) < 1]
-    vs_align = paired(c, "FSD+RAD", "align-only", not_pure)
     se = 100 * math.sqrt(0.25 / results["runs"][0]["probe"]["num_val"])
     rad = []
     if vs_align["above"] < len(vs_align["seeds"]):
