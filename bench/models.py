@@ -12,8 +12,7 @@ Rows (official presets on a GPU, tiny presets on a CPU):
 Modes: eager = as the release runs (bf16 autocast + SDPA, kernels "torch"); compile =
 torch.compile (kernels "torch"); ours = our Triton kernels; compile+ours = both. Triton needs
 a GPU (its interpreter is no speed path), so CPU rows are eager and compile only. Compilation
-is regional by default (each transformer block; identical blocks share one compiled graph), which
-compiles in a fraction of the time of --compile-scope model (what train.py --compile does).
+uses train.py's --compile_scope (rectok/training/compiling.py; --compile-scope here).
 
 FLOPs of one training step come from torch.utils.flop_counter.FlopCounterMode (eager, kernels
 "torch"), so MFU = step FLOPs / step time / the matmul rate measured in the same run. Results go
@@ -50,6 +49,7 @@ from rectok import kernels  # noqa: E402
 from rectok.environment import device_name, environment  # noqa: E402
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, tokenizer_config
+from rectok.training.compiling import COMPILE_SCOPES, compile_model
 
 MODES = ("eager", "compile", "ours", "compile+ours")
 PARTS = ("train", "sample", "data")
@@ -63,18 +63,6 @@ def gpu(device: torch.device) -> bool:
 def autocast(device: torch.device):
     # bf16 on CUDA as the release trains; CPU runs stay in float32.
     return torch.autocast("cuda", dtype=torch.bfloat16) if gpu(device) else contextlib.nullcontext()
-
-
-def compile_blocks(model: nn.Module, scope: str) -> nn.Module:
-    """torch.compile every transformer block in place ("blocks") or wrap the whole model ("model")."""
-    if scope == "model":
-        return torch.compile(model)
-    for name in ("blocks", "trunk_blocks", "head_blocks"):
-        for module in model.modules():
-            for block in getattr(module, name, None) or []:
-                if isinstance(block, nn.Module):
-                    block.compile()
-    return model
 
 
 # ----------------------------------------------------------------------------- training cases
@@ -242,7 +230,9 @@ def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
             # mode from an empty cache so "compile" and "compile+ours" never share graphs.
             torch._dynamo.reset()
         model, step = case.build()
-        fwd = compile_blocks(model, ctx.compile_scope) if "compile" in mode else model
+        if "compile" in mode:
+            compile_model(model, ctx.compile_scope)
+        fwd = model
         with kernels.use_backend(backend_of(mode)):
             try:
                 if gpu(ctx.device):
@@ -307,9 +297,11 @@ def sample_rows(modes: Sequence[str], ctx: Bench) -> list[dict]:
             cuda_graph="on" if "graph" in mode else "off",
         )
         models = (dit, weak, tok)
-        if "compile" in mode:  # fresh copies, compiled per block, traced with this mode's kernels
+        if "compile" in mode:  # fresh copies, compiled in place, traced with this mode's kernels
             torch._dynamo.reset()
-            models = tuple(compile_blocks(copy.deepcopy(m), ctx.compile_scope) for m in models)
+            models = tuple(copy.deepcopy(m) for m in models)
+            for m in models:
+                compile_model(m, ctx.compile_scope)
         with kernels.use_backend(backend_of(mode)):
             try:
                 sampler = Sampler(models[0], models[2], stats, cfg, weak=models[1], device=device)
@@ -506,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--modes", nargs="+", default=None, choices=MODES, help="default: all the device runs"
     )
-    parser.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"))
+    parser.add_argument("--compile-scope", default="auto", choices=COMPILE_SCOPES, help="as train.py's")
     parser.add_argument(
         "--budget-s", type=float, default=1e9, help="start no new row after this many seconds"
     )

@@ -21,8 +21,9 @@ Items (tiny configurations; float32; PyTorch reference kernels, the CPU default)
            batch 16, latents only. Ours: rectok.sampling.generate.Sampler.latents; the release:
            DiTwDDTHead.generate (transport's sample_ode -> torchdiffeq's euler).
   infer64 / infer128   tokenizer encode + decode through the posterior mean, batch 32, eval mode.
-Variants: official (eager), ours (eager), ours+compile (rectok.training.runtime.compile_blocks, as
-train.py --compile; for sampling SamplerConfig(compile=True), as sample.py --compile). Reported:
+Variants: official (eager), ours (eager), ours+compile (rectok.training.compiling.compile_model
+at --compile-scope, as train.py --compile --compile_scope; for sampling SamplerConfig(compile=True), as
+sample.py --compile). Reported:
 median / min / max ms per variant, ours/official = median(official) / median(ours) (> 1: ours is
 faster) with the spread of the per-round ratios, compile time apart from step time, the load
 average; --profile adds torch.profiler op counts per step (host syncs, copies, casts) and the
@@ -61,6 +62,7 @@ import interleave  # noqa: E402
 from side_by_side_items import BUILDERS, Prepared  # noqa: E402
 
 from rectok.environment import device_name, environment  # noqa: E402
+from rectok.training.compiling import COMPILE_SCOPES  # noqa: E402
 
 ITEMS = ("tok64", "tok128", "dit", "sample", "infer64", "infer128")
 RELEASE_FILES = ("models/rectok.py", "models/DDT.py", "transport/__init__.py")
@@ -86,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tolerance", type=float, default=1e-4, help="max abs diff above which an item is not timed"
     )
     p.add_argument("--no-compile", action="store_true", help="skip the ours+compile variants")
+    p.add_argument(
+        "--compile-scope", default="modules", choices=COMPILE_SCOPES, help="train.py's --compile_scope"
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler op counts per variant")
     p.add_argument(
         "--lock",

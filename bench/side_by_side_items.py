@@ -28,10 +28,10 @@ from rectok.models import flow
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.sampling.generate import Sampler, SamplerConfig
+from rectok.training.compiling import compile_model
 from rectok.training.dit_stage import DiTDraws, flow_matching_loss
 from rectok.training.losses import LossWeights
 from rectok.training.optim import build_adamw, use_fused
-from rectok.training.runtime import compile_blocks
 from rectok.training.tokenizer_stage import stage1_losses
 
 SEM_DIM = 384  # teacher feature width of the tokenizer items
@@ -233,7 +233,7 @@ def tokenizer_train(args, release, img: int) -> Prepared:
     if not args.no_compile:
         torch._dynamo.reset()
         compiled = copy.deepcopy(ours)
-        compile_blocks(compiled)
+        compile_model(compiled, args.compile_scope)
         out_c, seconds = _first_call(lambda: compiled(x, draws=draws))  # grad on: the training graphs
         out_e = ours(x, draws=draws)
         checks["compile_vs_eager_images"] = maxdiff(out_c.images, out_e.images)
@@ -263,7 +263,7 @@ def tokenizer_infer(args, release, img: int) -> Prepared:
     if not args.no_compile:
         torch._dynamo.reset()
         compiled = copy.deepcopy(ours)
-        compile_blocks(compiled)
+        compile_model(compiled, args.compile_scope)
         out_c, prep.compile_first_s = _first_call(lambda: compiled.reconstruct(x))
         prep.compile_first_calls = 1
         checks["compile_vs_eager"] = maxdiff(out_c, ours.reconstruct(x))
@@ -372,7 +372,7 @@ def dit_train(args, release) -> Prepared:
     if not args.no_compile:
         torch._dynamo.reset()
         compiled = copy.deepcopy(ours)
-        compile_blocks(compiled)
+        compile_model(compiled, args.compile_scope)
         t = torch.rand(B, generator=g)
         keep = torch.zeros(B, dtype=torch.bool)
         out_c, seconds = _first_call(lambda: compiled(x1, t, y, label_drop=keep))

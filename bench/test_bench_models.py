@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models as model_bench  # noqa: E402
 
 from rectok import kernels  # noqa: E402
+from rectok.training.compiling import compile_model  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = model_bench.MODES if DEVICE.type == "cuda" else ("eager", "compile")
@@ -41,7 +42,9 @@ def test_train_step(benchmark, name, mode):
     if "compile" in mode:
         torch._dynamo.reset()
     model, step = case.build()
-    fwd = model_bench.compile_blocks(model, "blocks") if "compile" in mode else model
+    if "compile" in mode:
+        compile_model(model)
+    fwd = model
     before = [p.detach().clone() for p in model.parameters()]
     benchmark.group = f"train {case.name} (batch {case.batch})"
     with kernels.use_backend(model_bench.backend_of(mode)):

@@ -18,7 +18,7 @@ from conftest import load_script
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import RecTok, tokenizer_config
-from rectok.training.runtime import compile_blocks
+from rectok.training.compiling import compile_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import memory  # noqa: E402

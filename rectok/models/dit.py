@@ -172,6 +172,13 @@ class FinalLayer(nn.Module):
         )
 
 
+@torch.compiler.disable
+def draw_label_dropout(y: torch.Tensor, p: float) -> torch.Tensor:
+    """[B] bool, True with probability p: drawn in eager PyTorch even inside a compiled forward
+    (Inductor's own RNG would draw other numbers, and a --compile run would not repeat an eager one)."""
+    return torch.rand(y.shape, device=y.device) < p
+
+
 class DiTDH(nn.Module):
     """DiT^DH velocity network: dit(x [B, C, h, w], t [B], y [B] int64) -> v [B, C, h, w]."""
 
@@ -226,7 +233,7 @@ class DiTDH(nn.Module):
         if drop is None:
             if not self.training or self.label_dropout <= 0:
                 return y
-            drop = torch.rand(y.shape, device=y.device) < self.label_dropout
+            drop = draw_label_dropout(y, self.label_dropout)
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def forward(

@@ -39,6 +39,7 @@ from rectok.data.transforms import CROPS
 from rectok.kernels.backend import BACKENDS as KERNEL_BACKENDS
 from rectok.models.flow import SCHEDULES as NOISE_SCHEDULES
 from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
+from rectok.training.compiling import COMPILE_SCOPES
 from rectok.training.distributed import DEVICES
 from rectok.training.losses import SEMANTIC_TOKENS
 from rectok.training.losses import WEIGHT_MODES as PERCEPTUAL_WEIGHTS
@@ -161,6 +162,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs float32
     compile: bool = False
+    compile_scope: str = "auto"  # auto | modules | blocks (rectok/training/compiling.py)
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     kernels: str = "auto"  # auto | triton | torch (rectok.kernels backend)
     epochs: float = 200.0
@@ -238,6 +240,7 @@ class TrainConfig:
         )
         err.choice("precision", self.precision, PRECISIONS)
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
+        err.choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         err.choice("device", self.device, DEVICES)
         err.choice("ckpt_verify", self.ckpt_verify, VERIFY_MODES)
         err.choice("progress", self.progress, PROGRESS_MODES)

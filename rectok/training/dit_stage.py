@@ -23,6 +23,7 @@ from rectok.sampling.euler import euler_sample
 from rectok.sampling.images import save_image_rows
 from rectok.training import distributed as D
 from rectok.training.batches import data_root, step_batches, train_loader
+from rectok.training.compiling import compile_model
 from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
 from rectok.training.latents import (
@@ -44,7 +45,6 @@ from rectok.training.optim import build_adamw, set_lr, use_fused
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.runtime import (
     Run,
-    compile_blocks,
     nonfinite_flag,
     read_flags,
     seed_everything,
@@ -250,7 +250,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if cfg.activation_checkpointing:
         set_activation_checkpointing(dit)
     if cfg.compile:
-        compile_blocks(dit)
+        compile_model(dit, cfg.compile_scope, fsdp=fsdp)
     fwd = dit if fsdp else D.wrap_ddp(dit, info)
     accum = cfg.grad_accum(info.world_size)
     sched = Schedule(cfg, len(loader), accum)

@@ -2,7 +2,7 @@
 
 `Run` holds the device, autocast dtype, ranks, run folder and the metric writers (metrics.jsonl,
 TensorBoard, optionally Weights & Biases); seeding and the gathered RNG states make resumed runs
-bit-identical; `compile_blocks` applies torch.compile from outside the model; `unscale_and_clip`,
+bit-identical; `unscale_and_clip`,
 `read_flags` and `step_or_skip` skip an update whose loss or grad norm is non-finite, with one host
 sync per step.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from rectok import kernels
 from rectok.checkpoints import store
@@ -124,7 +123,8 @@ class Run:
         kernel_backend = kernels.current_backend()
         self.print(
             f"device {self.device} x {self.info.world_size} rank(s), autocast "
-            f"{self.amp_dtype or 'off (float32)'}, compile {cfg.compile}, kernels {kernel_backend}, "
+            f"{self.amp_dtype or 'off (float32)'}, compile {cfg.compile_scope if cfg.compile else 'off'}, "
+            f"kernels {kernel_backend}, "
             f"TF32 {'on' if on_cuda else 'n/a'}\nresolved config:\n{format_config(cfg)}"
         )
 
@@ -193,21 +193,6 @@ class Run:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """torch.compile every transformer block in place (nn.Module.compile: state-dict names unchanged).
-
-    Block-wise, as torchtitan does: the tokenizer's random mask ratio changes the encoder's
-    sequence length every step and its Python-side sampling does not trace, while each block
-    is a pure tensor function that Inductor fuses (with our kernels' custom ops inside)."""
-    from rectok.models.dit import AdaLNBlock
-    from rectok.models.layers import Block
-
-    blocks = [m for m in model.modules() if isinstance(m, (Block, AdaLNBlock))]
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,6 +21,7 @@ from rectok.models.tokenizer import RecTok
 from rectok.sampling.images import save_image_rows
 from rectok.training import distributed as D
 from rectok.training.batches import data_root, held_out_images, held_out_split, step_batches, train_loader
+from rectok.training.compiling import compile_model
 from rectok.training.config import TrainConfig
 from rectok.training.ema import EMA
 from rectok.training.latents import latent_statistics
@@ -38,7 +39,6 @@ from rectok.training.optim import build_adamw, set_lr, use_fused
 from rectok.training.progress import Position, Schedule, StepMeter
 from rectok.training.runtime import (
     Run,
-    compile_blocks,
     nonfinite_flag,
     read_flags,
     seed_everything,
@@ -119,7 +119,7 @@ class TokenizerTraining:
         if cfg.activation_checkpointing:
             set_activation_checkpointing(tok)
         if cfg.compile:
-            compile_blocks(tok)
+            compile_model(tok, cfg.compile_scope)
         self.fwd = D.wrap_ddp(trained, info)
         self.disc_fwd = D.wrap_ddp(self.disc, info) if self.disc is not None else None
 
