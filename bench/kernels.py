@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import rectok.kernels as K  # noqa: E402
+from rectok.kernels.compiled_choice import choices_from_rows  # noqa: E402
 
 from rectok.environment import device_name, environment  # noqa: E402
 
@@ -386,6 +388,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # Written after every case, so a run stopped by a time limit keeps what it measured.
         path = common.write_results(rows, meta, args.out, f"kernels-{stamp}-{tag}", COLUMNS)
     print(path.read_text())
+    if device.type == "cuda":  # what `auto` should trace under torch.compile (kernels/compiled_choice.py)
+        choices = {**choices_from_rows(rows), "device": meta["device"], "dtype": meta["dtype"]}
+        choices_path = args.out / f"kernel-choices-{stamp}-{tag}.json"
+        choices_path.write_text(json.dumps(choices, indent=2))
+        print(f"compiled-kernel choices: {choices['choices']} -> {choices_path}")
     return path
 
 

@@ -3,7 +3,9 @@
 The choice comes from, in order: the innermost `use_backend(...)` context, the
 environment variable RECTOK_KERNELS, and the default "auto".
 
-- "auto":   Triton for CUDA tensors, the PyTorch reference otherwise.
+- "auto":   Triton for CUDA tensors, the PyTorch reference otherwise; under torch.compile, per op
+            what kernels/compiled_choice.py says was measured faster there (else the reference,
+            which Inductor fuses with its neighbours).
 - "triton": always Triton. CPU tensors need Triton's numpy interpreter, which is only
             active when TRITON_INTERPRET=1 was set before triton was imported.
 - "torch":  always the PyTorch reference (what `torch.compile` fuses best by itself).
@@ -20,6 +22,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from .compiled_choice import compiled_choice
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -77,8 +81,8 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Decide whether an op on these tensors runs the Triton kernel.
+def use_triton(*tensors: torch.Tensor, op: str | None = None) -> bool:
+    """Decide whether op `op` on these tensors runs the Triton kernel.
 
     Raises a clear error when "triton" is forced but cannot run here.
     """
@@ -87,7 +91,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if name == "auto":
-        return on_cuda and triton_available()
+        if not (on_cuda and triton_available()):
+            return False
+        if op is not None and torch.compiler.is_compiling():
+            return compiled_choice(op) == "triton"
+        return True
     if not triton_available():
         raise RuntimeError(
             "kernel backend 'triton' was requested but triton is not installed (pip install triton)"

@@ -196,7 +196,7 @@ def cosine_distill_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1
             f"cosine_distill_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
             "must have the same shape [..., D]"
         )
-    if use_triton(pred, target):
+    if use_triton(pred, target, op="cosine_distill_loss"):
         need_grad = torch.is_grad_enabled() and pred.requires_grad
         loss, _ = _cosine_loss_op(pred, target.detach(), float(eps), need_grad)
         return loss

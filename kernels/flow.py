@@ -322,7 +322,7 @@ def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -
         raise ValueError(
             f"flow_interpolate: x0 {tuple(x0.shape)}, noise {tuple(noise.shape)}, tau {tuple(tau.shape)}"
         )
-    if use_triton(x0, noise, tau):
+    if use_triton(x0, noise, tau, op="flow_interpolate"):
         return _flow_interpolate_op(x0, noise, tau)
     return flow_interpolate_reference(x0, noise, tau)
 
@@ -333,7 +333,7 @@ def velocity_mse(pred: torch.Tensor, data: torch.Tensor, noise: torch.Tensor) ->
         raise ValueError(
             f"velocity_mse: shapes differ {tuple(pred.shape)}, {tuple(data.shape)}, {tuple(noise.shape)}"
         )
-    if use_triton(pred, data, noise):
+    if use_triton(pred, data, noise, op="velocity_mse"):
         need_grad = torch.is_grad_enabled() and (
             pred.requires_grad or data.requires_grad or noise.requires_grad
         )

@@ -391,7 +391,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """Same as F.rms_norm(x, (D,), weight, eps) for x [..., D], statistics in float32."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match width {x.shape[-1]}")
-    if use_triton(x, weight):
+    if use_triton(x, weight, op="rms_norm"):
         return _rms_norm_fwd_op(x, weight, float(eps))[0]
     if x.dtype == weight.dtype == torch.float32:
         # torch's own op: with autograd on it runs the reference's formula (bit-identical, same
@@ -412,6 +412,6 @@ def rms_norm_modulate(
         )
     if weight.shape != (D,):
         raise ValueError(f"rms_norm_modulate: weight {tuple(weight.shape)} does not match width {D}")
-    if use_triton(x, weight, shift, scale):
+    if use_triton(x, weight, shift, scale, op="rms_norm_modulate"):
         return _rms_norm_modulate_fwd_op(x, weight, shift, scale, float(eps))[0]
     return rms_norm_modulate_reference(x, weight, shift, scale, eps)

@@ -342,7 +342,7 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"apply_rope expects x [B, H, L, D]; got shape {tuple(x.shape)}")
     _check_head_dim(x.shape[-1])
     _check_table(x.shape[0], x.shape[2], x.shape[3], table)
-    if use_triton(x, table):
+    if use_triton(x, table, op="apply_rope"):
         return _apply_rope_op(x, table)
     return apply_rope_reference(x, table)
 
@@ -355,6 +355,6 @@ def rope_qkv(
     The Triton path reads qkv once and writes contiguous q, k, v (no permute copies).
     """
     check_packed_qkv(qkv, table, num_heads)
-    if use_triton(qkv, table):
+    if use_triton(qkv, table, op="rope_qkv"):
         return _rope_qkv_op(qkv, table, num_heads)
     return rope_qkv_reference(qkv, table, num_heads)

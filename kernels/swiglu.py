@@ -138,6 +138,6 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """h [..., 2H] -> [..., H]."""
     if h.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim {h.shape[-1]} must be even")
-    if use_triton(h):
+    if use_triton(h, op="swiglu"):
         return _swiglu_fwd_op(h)
     return swiglu_reference(h)
