@@ -48,6 +48,9 @@ timeout 250 python bench/kernels.py --quick --budget-s 200 --out "$out" 2>&1 | t
 echo "== memory per preset =="
 timeout 60 python bench/memory.py --out "$out" 2>&1 | tee "$out/memory_log.txt" | tail -20
 
+echo "== perceptual loss: fp32 / bf16, NCHW / channels_last, compiled =="
+timeout 90 python bench/perceptual.py --quick --out "$out" 2>&1 | tee "$out/perceptual_log.txt" | tail -12
+
 if [ -f bench/models.py ]; then
   echo "== model benchmark =="
   # The model benchmark gets whatever the steps above left of 8 minutes (bash's SECONDS counts

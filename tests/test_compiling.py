@@ -19,22 +19,31 @@ from torch._dynamo.testing import CompileCounter
 from rectok import kernels
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, tokenizer_config
-from rectok.training.compiling import COMPILE_SCOPES, compile_model, compile_units, resolve_scope
+from rectok.training.compiling import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    compile_model,
+    compile_units,
+    resolve_scope,
+)
 from rectok.training.config import train_config
 
 train = load_script("train.py")
 
 
-def test_auto_scope_is_blocks_under_fsdp_only():
+def test_auto_scope_is_blocks_under_fsdp_only_and_bad_choices_are_refused():
     assert resolve_scope("auto", fsdp=True) == "blocks"
     assert resolve_scope("auto", fsdp=False) == "modules"
     assert resolve_scope("modules", fsdp=True) == "modules"  # an explicit choice is kept
     with pytest.raises(ValueError, match="auto, modules, blocks"):
         resolve_scope("whole", fsdp=False)
     cfg = train_config("tokenizer", "tiny")
-    cfg.compile_scope = "whole"
-    with pytest.raises(ValueError, match="compile_scope must be one of " + ", ".join(COMPILE_SCOPES)):
+    cfg.compile_scope, cfg.compile_mode = "whole", "fast"
+    with pytest.raises(ValueError, match="compile_scope must be one of " + ", ".join(COMPILE_SCOPES)) as err:
         cfg.validate()
+    assert "compile_mode must be one of " + ", ".join(COMPILE_MODES) in str(err.value)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compile_model(torch.nn.Linear(2, 2), "modules", mode="fast")
 
 
 def test_modules_scope_compiles_the_tokenizer_networks_whole():
@@ -93,6 +102,7 @@ def test_compiled_dit_draws_the_eager_label_dropout():
 def test_compiled_tokenizer_training_matches_eager(demo_16, tmp_path):
     """The whole train.py path (teacher, losses, masking at the schedule's random ratios, AdamW);
     the blocks scope is checked against eager in test_activation_checkpointing."""
+
     def run(name: str, *extra: str) -> list:
         torch._dynamo.reset()
         return train.main([

@@ -176,6 +176,32 @@ def test_perceptual_loss_combination_and_gradients(perceptual):
     assert not perceptual.training and not perceptual.convnext.training  # frozen nets stay in eval
 
 
+def test_perceptual_speed_options_keep_the_loss(perceptual):
+    """channels_last is the same math (float rounding apart); bf16 nets stay within bf16 error;
+    both give gradients; a bad precision is refused."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    reference = perceptual(x_hat, x)
+    for precision, channels_last, rel in (("fp32", True, 1e-4), ("bf16", False, 5e-2), ("bf16", True, 5e-2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = PerceptualLoss(
+                weights="random", resize=32, precision=precision, channels_last=channels_last
+            )
+        fast.load_state_dict(perceptual.state_dict())
+        if channels_last:
+            assert fast.convnext.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        grad_in = x_hat.clone().requires_grad_()
+        loss = fast(grad_in, x)
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(reference.item(), rel=rel), (precision, channels_last)
+        loss.backward()
+        assert grad_in.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        PerceptualLoss(weights="random", precision="fp16")
+
+
 def test_random_weights_warn_loudly():
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
         PerceptualLoss(weights="random", lpips_weight=0.0, convnext_weight=0.1, resize=32)

@@ -2,15 +2,15 @@
 
 `--compile_scope` (`compile_model`):
 - `modules`: each network compiled whole: the tokenizer's encoder, pixel decoder and semantic decoder,
-  the DiT^DH. Inductor then also fuses what sits between the blocks (the masking gather, the
+  the DiT^DH, the perceptual loss (frozen LPIPS + ConvNeXt, one graph). Inductor then also fuses what sits between the blocks (the masking gather, the
   mask-token insert, unpatchify, the norms and heads). The random draws stay outside the graphs,
   in eager PyTorch, so a compiled run draws exactly what an eager run draws.
 - `blocks`: every transformer block on its own (torchtitan's way). FSDP2 shards per block and
   registers hooks around each, which whole-module graphs would break on, so `auto` picks it there.
 - `auto` (default): `blocks` under FSDP, `modules` otherwise.
 
-Measured on 2 CPU cores, rectok-tiny / dit-dh-tiny training steps (bench/results/compile-scope-*):
-`modules` beats `blocks` by 13-16%; bench/compile_scope.py reruns it.
+Measured (bench/scaling.py, each row's base point, 2 CPU cores, float32; rectok-tiny / dit-dh-tiny):
+`modules` is ahead of `blocks` on every row; the figures are in bench/results/scaling-*.md.
 
 The networks' input length changes with the mask ratio every step. Dynamo compiles the first
 length static and, at the next, one graph with a symbolic length that serves every later one
@@ -26,6 +26,10 @@ from __future__ import annotations
 from torch import nn
 
 COMPILE_SCOPES = ("auto", "modules", "blocks")
+# torch.compile's modes. reduce-overhead records CUDA graphs of the compiled graphs (one per shape):
+# it pays where launches dominate, e.g. the DiT^DH step with its static shapes; not measured on a
+# GPU yet, so not a default. On a CPU it runs as default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def resolve_scope(scope: str, fsdp: bool) -> str:
@@ -58,10 +62,16 @@ def compile_blocks(model: nn.Module, **options) -> int:
     return len(blocks)
 
 
-def compile_model(model: nn.Module, scope: str = "modules", fsdp: bool = False, **options) -> str:
-    """torch.compile `model` in place at `scope` (see the module docstring); returns the scope used.
-    nn.Module.compile keeps the state-dict names, so checkpoints are the same as eager ones."""
+def compile_model(
+    model: nn.Module, scope: str = "modules", fsdp: bool = False, mode: str = "default", **options
+) -> str:
+    """torch.compile `model` in place at `scope` (see the module docstring) in `mode`; returns the
+    scope used. nn.Module.compile keeps the state-dict names, so checkpoints are the same as eager ones."""
     scope = resolve_scope(scope, fsdp)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    if mode != "default":
+        options["mode"] = mode
     if scope == "blocks":
         compile_blocks(model, **options)
     else:

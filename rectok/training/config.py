@@ -39,9 +39,9 @@ from rectok.data.transforms import CROPS
 from rectok.kernels.backend import BACKENDS as KERNEL_BACKENDS
 from rectok.models.flow import SCHEDULES as NOISE_SCHEDULES
 from rectok.models.teacher import TARGET_MODES, TEACHER_CHOICES
-from rectok.training.compiling import COMPILE_SCOPES
+from rectok.training.compiling import COMPILE_MODES, COMPILE_SCOPES
 from rectok.training.distributed import DEVICES
-from rectok.training.losses import SEMANTIC_TOKENS
+from rectok.training.losses import PERCEPTUAL_PRECISIONS, SEMANTIC_TOKENS
 from rectok.training.losses import WEIGHT_MODES as PERCEPTUAL_WEIGHTS
 from rectok.training.optim import FUSED_CHOICES
 from rectok.training.optim import SCHEDULES as LR_SCHEDULES
@@ -108,6 +108,10 @@ class LossConfig:
     perceptual_weights: str = "pretrained"  # pretrained (local files) | random (tests / demos only)
     weights_dir: str = ""  # folder with vgg16-397923af.pth and convnext_small-0c510722.pth
     perceptual_resize: int = 224  # ConvNeXt input size
+    # Speed options of the frozen LPIPS / ConvNeXt forwards (the release: fp32, NCHW); see
+    # losses.PerceptualLoss and bench/perceptual.py
+    perceptual_precision: str = "fp32"  # fp32 | bf16 (autocast; the loss itself stays float32)
+    perceptual_channels_last: bool = False
     # Tokens the semantic loss covers: all (the paper) | visible (alignment only) | masked
     # (reconstruction only).
     semantic_tokens: str = "all"
@@ -163,6 +167,9 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs float32
     compile: bool = False
     compile_scope: str = "auto"  # auto | modules | blocks (rectok/training/compiling.py)
+    # torch.compile mode: default | reduce-overhead (CUDA graphs of the compiled graphs, on CUDA; for
+    # the DiT^DH, whose shapes are static) | max-autotune
+    compile_mode: str = "default"
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less memory)
     kernels: str = "auto"  # auto | triton | torch (rectok.kernels backend)
     epochs: float = 200.0
@@ -241,6 +248,7 @@ class TrainConfig:
         err.choice("precision", self.precision, PRECISIONS)
         err.choice("kernels", self.kernels, KERNEL_BACKENDS)
         err.choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
+        err.choice("compile_mode", self.compile_mode, COMPILE_MODES)
         err.choice("device", self.device, DEVICES)
         err.choice("ckpt_verify", self.ckpt_verify, VERIFY_MODES)
         err.choice("progress", self.progress, PROGRESS_MODES)
@@ -289,6 +297,7 @@ class TrainConfig:
         for name in ("mse", "perceptual", "kl", "semantic", "gan", "gan_start_epoch"):
             err.check(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
         err.choice("loss.perceptual_weights", lo.perceptual_weights, PERCEPTUAL_WEIGHTS)
+        err.choice("loss.perceptual_precision", lo.perceptual_precision, PERCEPTUAL_PRECISIONS)
         err.choice("loss.semantic_tokens", lo.semantic_tokens, SEMANTIC_TOKENS)
         err.check(
             lo.perceptual_resize >= 32, f"loss.perceptual_resize must be >= 32, got {lo.perceptual_resize}"

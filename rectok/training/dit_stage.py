@@ -250,7 +250,7 @@ def train_dit(cfg: TrainConfig, run: Run) -> dict[str, Any]:
     if cfg.activation_checkpointing:
         set_activation_checkpointing(dit)
     if cfg.compile:
-        compile_model(dit, cfg.compile_scope, fsdp=fsdp)
+        compile_model(dit, cfg.compile_scope, fsdp=fsdp, mode=cfg.compile_mode)
     fwd = dit if fsdp else D.wrap_ddp(dit, info)
     accum = cfg.grad_accum(info.world_size)
     sched = Schedule(cfg, len(loader), accum)

@@ -15,6 +15,7 @@ initialised perceptual nets for tests and CPU demos and says so loudly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ WEIGHT_URLS = {
     CONVNEXT_S_FILE: "https://download.pytorch.org/models/convnext_small-0c510722.pth",
 }
 WEIGHT_MODES = ("pretrained", "random")
+PERCEPTUAL_PRECISIONS = ("fp32", "bf16")  # of the frozen LPIPS / ConvNeXt forwards
 
 
 def weight_dirs(weights_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -189,6 +191,11 @@ class PerceptualLoss(nn.Module):
     forward(x_hat, x) with images [B, 3, H, W] in [0, 1] -> float32 scalar. LPIPS runs at the
     input resolution on [-1, 1] images; ConvNeXt on a bilinear antialiased resize to
     `resize` (224) with ImageNet normalisation, as in the release.
+
+    Speed options (off by default: the release runs both nets in float32, NCHW):
+    `precision="bf16"` runs the two frozen nets under bf16 autocast (the loss stays float32);
+    `channels_last=True` keeps their convolutions in NHWC, the layout cuDNN's and oneDNN's fast
+    kernels use (the same math; the sums may round differently). bench/perceptual.py times them.
     """
 
     def __init__(
@@ -198,8 +205,13 @@ class PerceptualLoss(nn.Module):
         lpips_weight: float = 1.0,
         convnext_weight: float = 0.1,
         resize: int = 224,
+        precision: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if precision not in PERCEPTUAL_PRECISIONS:
+            choices = ", ".join(PERCEPTUAL_PRECISIONS)
+            raise ValueError(f"perceptual precision must be one of {choices}; got {precision!r}")
         if weights not in WEIGHT_MODES:
             raise ValueError(f"perceptual weights must be one of {WEIGHT_MODES}, got {weights!r}")
         if lpips_weight < 0 or convnext_weight < 0 or lpips_weight + convnext_weight <= 0:
@@ -211,6 +223,11 @@ class PerceptualLoss(nn.Module):
         self.lpips_weight, self.convnext_weight, self.resize = lpips_weight, convnext_weight, resize
         self.lpips = build_lpips_vgg(weights, weights_dir) if lpips_weight > 0 else None
         self.convnext = build_convnext_small(weights, weights_dir) if convnext_weight > 0 else None
+        self.precision, self.channels_last = precision, channels_last
+        if channels_last:
+            for net in (self.lpips, self.convnext):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -218,19 +235,31 @@ class PerceptualLoss(nn.Module):
         # Frozen feature nets stay in eval mode whatever the caller does (no dropout in LPIPS' heads).
         return super().train(False)
 
+    def _nets(self):
+        """The context the two frozen nets run in: bf16 autocast or none."""
+        if self.precision == "bf16":
+            return torch.autocast(self.mean.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x_hat, x = x_hat.float(), x.float()
         total = x.new_zeros(())
         if self.lpips is not None:
-            total = total + self.lpips_weight * self.lpips(x_hat * 2 - 1, x * 2 - 1).mean()
+            with self._nets():
+                d = self.lpips(self._layout(x_hat * 2 - 1), self._layout(x * 2 - 1))
+            total = total + self.lpips_weight * d.float().mean()
         if self.convnext is not None:
             size = (self.resize, self.resize)
             a = F.interpolate(x_hat, size=size, mode="bilinear", antialias=True)
             b = F.interpolate(x, size=size, mode="bilinear", antialias=True)
-            logits_hat = self.convnext((a - self.mean) / self.std)
-            with torch.no_grad():
-                logits = self.convnext((b - self.mean) / self.std)
-            total = total + self.convnext_weight * F.mse_loss(logits_hat, logits)
+            with self._nets():
+                logits_hat = self.convnext(self._layout((a - self.mean) / self.std))
+                with torch.no_grad():
+                    logits = self.convnext(self._layout((b - self.mean) / self.std))
+            total = total + self.convnext_weight * F.mse_loss(logits_hat.float(), logits.float())
         return total / (self.lpips_weight + self.convnext_weight)
 
 

@@ -70,7 +70,11 @@ class TokenizerTraining:
         self.perceptual = None
         if lo.perceptual > 0:
             self.perceptual = PerceptualLoss(
-                lo.perceptual_weights, lo.weights_dir or None, resize=lo.perceptual_resize
+                lo.perceptual_weights,
+                lo.weights_dir or None,
+                resize=lo.perceptual_resize,
+                precision=lo.perceptual_precision,
+                channels_last=lo.perceptual_channels_last,
             ).to(device)
         self.disc = None
         if lo.gan > 0:
@@ -119,7 +123,9 @@ class TokenizerTraining:
         if cfg.activation_checkpointing:
             set_activation_checkpointing(tok)
         if cfg.compile:
-            compile_model(tok, cfg.compile_scope)
+            compile_model(tok, cfg.compile_scope, mode=cfg.compile_mode)
+            if self.perceptual is not None:  # frozen LPIPS + ConvNeXt: one graph (modules scope)
+                compile_model(self.perceptual, cfg.compile_scope, mode=cfg.compile_mode)
         self.fwd = D.wrap_ddp(trained, info)
         self.disc_fwd = D.wrap_ddp(self.disc, info) if self.disc is not None else None
 
