@@ -236,9 +236,12 @@ class PixelDecoder(_Trunk):
         # tokens: the same numbers (bit for bit in the forward), without the two layout copies
         # around oneDNN's convolution (-40% for this layer on a CPU).
         h = F.linear(h, self.to_pixels.weight.flatten(1), self.to_pixels.bias)  # (B, L, p*p*3)
-        # each token's p*p*3 channels are its patch, ordered (p1, p2, c) as in the release
-        img = rearrange(h, "b (gh gw) (p1 p2 c) -> b c (gh p1) (gw p2)", gh=g, p1=p, p2=p)
-        return self.conv_out(img)
+        # Each token's p*p*3 channels are its patch, ordered (p1, p2, c) as in the release. The image
+        # is assembled channels-last ([B, H, W, 3] in memory, viewed as [B, 3, H, W]): oneDNN's 3x3
+        # convolution on 3 channels is up to 5x faster there than on NCHW, forward and backward
+        # (same outputs bit for bit in the forward); the result is returned contiguous.
+        img = rearrange(h, "b (gh gw) (p1 p2 c) -> b (gh p1) (gw p2) c", gh=g, p1=p, p2=p)
+        return self.conv_out(img.permute(0, 3, 1, 2)).contiguous()
 
 
 class SemanticDecoder(_Trunk):
