@@ -14,7 +14,7 @@ minus a steady call) is reported apart.
 
     python bench/scaling.py [--quick] [--rounds 5] [--out bench/results]
 
-Output: <out>/scaling-<date>-<device>.{json,md,png}. On 2 CPU cores the full sweep takes ~15 min;
+Output: <out>/scaling-<date>-<device>.{json,md,png}. On 2 CPU cores the full sweep takes ~9 min;
 it holds the timing lock of bench/side_by_side.py, so the two never time at once.
 """
 
