@@ -10,7 +10,9 @@ Rows (official presets on a GPU, tiny presets on a CPU):
   sample  150-point Euler with AutoGuidance (DiT^DH-XL + DiT^DH-S) and pixel decoding;
   data    PIL + DataLoader vs NVIDIA DALI (if importable) on a generated folder of JPEGs.
 Modes: eager = as the release runs (bf16 autocast + SDPA, kernels "torch"); compile =
-torch.compile (kernels "torch"); ours = our Triton kernels; compile+ours = both. Triton needs
+torch.compile (kernels "torch"); compile+graphs = torch.compile with CUDA graphs (train.py
+--compile_mode reduce-overhead; for sampling the sampler's CUDA-graph replay); ours = our Triton
+kernels; compile+ours = both. Triton needs
 a GPU (its interpreter is no speed path), so CPU rows are eager and compile only. Compilation
 uses train.py's --compile_scope (rectok/training/compiling.py; --compile-scope here).
 
@@ -51,7 +53,7 @@ from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.training.compiling import COMPILE_SCOPES, compile_model
 
-MODES = ("eager", "compile", "ours", "compile+ours")
+MODES = ("eager", "compile", "compile+graphs", "ours", "compile+ours")
 PARTS = ("train", "sample", "data")
 MASK_RATIO = 0.16  # E[max(0, U(-0.1, 0.4))]: a fixed ratio keeps shapes static for timing
 
@@ -230,8 +232,8 @@ def train_rows(case: TrainCase, modes: Sequence[str], ctx: Bench) -> list[dict]:
             # mode from an empty cache so "compile" and "compile+ours" never share graphs.
             torch._dynamo.reset()
         model, step = case.build()
-        if "compile" in mode:
-            compile_model(model, ctx.compile_scope)
+        if "compile" in mode:  # +graphs: train.py --compile_mode reduce-overhead (CUDA graphs)
+            compile_model(model, ctx.compile_scope, mode="reduce-overhead" if "graphs" in mode else "default")
         fwd = model
         with kernels.use_backend(backend_of(mode)):
             try:

@@ -4,6 +4,7 @@ Proves: `auto` resolves to per-block compile under FSDP and whole modules otherw
 is refused with the choices; over the mask lengths of the schedule the tokenizer's networks
 compile at most three times each (static graphs, then one with a symbolic length); a compiled DiT^DH
 draws its label dropout in eager PyTorch, so a compiled training forward equals the eager one;
+flow_matching_loss draws that dropout in the release's order (the model's own numbers);
 train.py --compile trains the tokenizer to the eager losses.
 """
 
@@ -17,6 +18,7 @@ from conftest import load_script
 from torch._dynamo.testing import CompileCounter
 
 from rectok import kernels
+from rectok.models import flow
 from rectok.models.dit import DiTDH, dit_config
 from rectok.models.tokenizer import RecTok, tokenizer_config
 from rectok.training.compiling import (
@@ -27,6 +29,7 @@ from rectok.training.compiling import (
     resolve_scope,
 )
 from rectok.training.config import train_config
+from rectok.training.dit_stage import flow_matching_loss, model_label_dropout
 
 train = load_script("train.py")
 
@@ -116,3 +119,30 @@ def test_compiled_tokenizer_training_matches_eager(demo_16, tmp_path):
     compiled = run("compiled", "--compile", "true", "--compile_scope", "modules")
     assert len(eager) == len(compiled) == 2
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_flow_matching_loss_draws_what_the_model_would():
+    """The label dropout is drawn in flow_matching_loss (so a compiled DiT^DH has no draw inside),
+    in the release's order: the same loss as the model drawing it in its forward."""
+    torch.manual_seed(0)
+    cfg = dit_config(
+        "dit-dh-tiny", in_channels=16, grid_size=4, hidden_size=(64, 64), depth=(1, 1), num_heads=(2, 2)
+    )
+    model = DiTDH(cfg).train()
+    model.label_dropout = 0.5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x1, y = torch.randn(16, 16, 4, 4), torch.arange(16) % 10
+    torch.manual_seed(3)
+    loss = flow_matching_loss(model, x1, y, 1.0)
+    torch.manual_seed(3)
+    eps, u = torch.randn(x1.shape), torch.rand(16)
+    t = 1.0 - flow.shift_tau(u, 1.0)
+    v = model(t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * eps, t, y)  # draws in its forward
+    assert torch.equal(loss, kernels.velocity_mse(v, x1, eps))
+    torch.manual_seed(4)
+    drawn = model_label_dropout(model, y)  # drawn outside the model, so the model draws nothing
+    torch.manual_seed(4)
+    assert drawn is not None and torch.equal(drawn, torch.rand(16) < 0.5)
+    assert model_label_dropout(model.eval(), y) is None  # eval mode: nothing drawn

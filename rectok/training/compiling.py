@@ -1,10 +1,11 @@
 """torch.compile applied from outside the models, at the scope measured fastest.
 
 `--compile_scope` (`compile_model`):
-- `modules`: each network compiled whole: the tokenizer's encoder, pixel decoder and semantic decoder,
-  the DiT^DH, the perceptual loss (frozen LPIPS + ConvNeXt, one graph). Inductor then also fuses what sits between the blocks (the masking gather, the
-  mask-token insert, unpatchify, the norms and heads). The random draws stay outside the graphs,
-  in eager PyTorch, so a compiled run draws exactly what an eager run draws.
+- `modules`: each network compiled whole: the tokenizer's encoder, pixel decoder and semantic
+  decoder, the DiT^DH, the perceptual loss (frozen LPIPS + ConvNeXt, one graph). Inductor then also
+  fuses what sits between the blocks (the masking gather, the mask-token insert, unpatchify, the
+  norms and heads). The random draws stay outside the graphs, in eager PyTorch, so a compiled run
+  draws exactly what an eager run draws.
 - `blocks`: every transformer block on its own (torchtitan's way). FSDP2 shards per block and
   registers hooks around each, which whole-module graphs would break on, so `auto` picks it there.
 - `auto` (default): `blocks` under FSDP, `modules` otherwise.

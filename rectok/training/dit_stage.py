@@ -16,7 +16,7 @@ import torch
 from rectok import kernels
 from rectok.checkpoints import loading, sharded, store
 from rectok.models import flow
-from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
+from rectok.models.dit import DiTDH, LatentNormalizer, dit_config, draw_label_dropout
 from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import DiagonalGaussian
 from rectok.sampling.euler import euler_sample
@@ -64,6 +64,16 @@ class DiTDraws:
     label_drop: torch.Tensor | None = None  # [B] bool, True: null class; None: the model draws it
 
 
+def model_label_dropout(model: Callable[..., torch.Tensor], y: torch.Tensor) -> torch.Tensor | None:
+    """The label-dropout mask the (possibly wrapped) DiT^DH would draw in its forward, or None where
+    it draws nothing (eval mode, dropout 0, or not a DiTDH)."""
+    bare = D.unwrap(model) if isinstance(model, torch.nn.Module) else model
+    p = getattr(bare, "label_dropout", 0.0)
+    if not isinstance(bare, DiTDH) or not bare.training or p <= 0:
+        return None
+    return draw_label_dropout(y, p)
+
+
 def flow_matching_loss(
     model: Callable[..., torch.Tensor],
     x1: torch.Tensor,
@@ -77,10 +87,11 @@ def flow_matching_loss(
     (inside the model, in training mode) the label-dropout mask are drawn unless `draws` gives them;
     the forward runs under `autocast()`."""
     if draws is None:
-        # The release's order: noise, time, then the label dropout in the model's forward.
+        # The release's order: noise, time, then the label dropout (in its model's forward; drawn
+        # here, the same numbers, so that a compiled DiT^DH is one graph without a draw inside).
         eps = torch.randn(x1.shape, device=x1.device)
         u = torch.rand(x1.shape[0], device=x1.device)
-        label_drop = None
+        label_drop = model_label_dropout(model, y)
     else:
         eps, u, label_drop = draws.noise, draws.u, draws.label_drop
     t = 1.0 - flow.shift_tau(u, shift)
