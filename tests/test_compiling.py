@@ -77,19 +77,25 @@ def test_mask_lengths_compile_each_network_at_most_three_times():
     assert counter.frame_count == after_three, "a later mask length compiled again"
 
 
-def test_compiled_dit_draws_the_eager_label_dropout():
-    """Inductor draws its own random numbers inside a graph: the label dropout must stay outside."""
-    torch._dynamo.reset()
+def _small_dit(label_dropout: float = 0.5) -> DiTDH:
+    """A tiny DiT^DH in training mode, weights perturbed (the release's init zeroes the output layer)."""
     torch.manual_seed(0)
     cfg = dit_config(
         "dit-dh-tiny", in_channels=16, grid_size=4, hidden_size=(64, 64), depth=(1, 1), num_heads=(2, 2)
     )
     model = DiTDH(cfg).train()
-    model.label_dropout = 0.5
+    model.label_dropout = label_dropout
     with torch.no_grad():
-        for p in model.parameters():  # the release's init zeroes the output layer
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    compiled = DiTDH(cfg).train()
+    return model
+
+
+def test_compiled_dit_draws_the_eager_label_dropout():
+    """Inductor draws its own random numbers inside a graph: the label dropout must stay outside."""
+    torch._dynamo.reset()
+    model = _small_dit()
+    compiled = DiTDH(model.config).train()
     compiled.load_state_dict(model.state_dict())
     compiled.label_dropout = 0.5
     compile_model(compiled, "modules")
@@ -124,15 +130,7 @@ def test_compiled_tokenizer_training_matches_eager(demo_16, tmp_path):
 def test_flow_matching_loss_draws_what_the_model_would():
     """The label dropout is drawn in flow_matching_loss (so a compiled DiT^DH has no draw inside),
     in the release's order: the same loss as the model drawing it in its forward."""
-    torch.manual_seed(0)
-    cfg = dit_config(
-        "dit-dh-tiny", in_channels=16, grid_size=4, hidden_size=(64, 64), depth=(1, 1), num_heads=(2, 2)
-    )
-    model = DiTDH(cfg).train()
-    model.label_dropout = 0.5
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _small_dit()
     x1, y = torch.randn(16, 16, 4, 4), torch.arange(16) % 10
     torch.manual_seed(3)
     loss = flow_matching_loss(model, x1, y, 1.0)
