@@ -7,7 +7,8 @@
 - loop: what every stage's loop shares (checkpoint entries, resume position, periodic hooks);
 - config, losses, optim, ema, distributed: configuration, loss terms, AdamW + schedules, EMA, ranks;
 - runtime: the run (device, precision, ranks, run folder, logging), seeding and RNG state,
-  block-wise compile, the optimizer step that skips non-finite updates;
+  the optimizer step that skips non-finite updates;
+- compiling: torch.compile from outside the models, per network or per block (--compile_scope);
 - progress: the step schedule, where a run stands (step, data position, non-finite counters) and
   the per-step log line / progress bar;
 - batches: the dataset folder, the loaders, held-out images, micro-batches per optimizer step;
