@@ -10,8 +10,8 @@ where its compiled kernel was faster, forward + backward, at every shape measure
 
 The table used is the JSON file named by RECTOK_KERNEL_CHOICES when Python starts (or one given to
 `set_choices`), else `MEASURED` below (the newest committed measurement); an op missing from it
-traces its reference ("inductor"). Eager `auto` is not
-affected: it runs Triton for CUDA tensors (our kernels beat eager PyTorch, and nothing fuses there).
+traces its reference ("inductor"). Eager `auto` is not affected: it runs Triton for CUDA tensors
+(our kernels beat eager PyTorch, and nothing fuses there).
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ OPS = (
 MEASURED: dict[str, str] = {}
 
 
+def _checked(table: dict, source: str) -> dict[str, str]:
+    bad = {op: c for op, c in table.items() if op not in OPS or c not in CHOICES}
+    if bad:
+        raise ValueError(
+            f"{source}: unknown entries {bad}; ops are {', '.join(OPS)}, choices {', '.join(CHOICES)}"
+        )
+    return dict(table)
+
+
 def load_choices(path: str | Path) -> dict[str, str]:
     """{op: "triton" | "inductor"} from a kernel-choices JSON ({"choices": {...}, ...})."""
     try:
@@ -47,13 +56,7 @@ def load_choices(path: str | Path) -> dict[str, str]:
     table = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(table, dict):
         raise ValueError(f"RECTOK_KERNEL_CHOICES={path}: no 'choices' object (bench/kernels.py writes one)")
-    bad = {op: c for op, c in table.items() if op not in OPS or c not in CHOICES}
-    if bad:
-        raise ValueError(
-            f"RECTOK_KERNEL_CHOICES={path}: unknown entries {bad}; ops are {', '.join(OPS)}, "
-            f"choices {', '.join(CHOICES)}"
-        )
-    return dict(table)
+    return _checked(table, f"RECTOK_KERNEL_CHOICES={path}")
 
 
 def _initial_table() -> dict[str, str]:
@@ -68,11 +71,9 @@ _table = _initial_table()
 
 def set_choices(table: dict[str, str]) -> None:
     """Replace the table in force (e.g. with load_choices(path) after import); compile afterwards."""
-    bad = {op: c for op, c in table.items() if op not in OPS or c not in CHOICES}
-    if bad:
-        raise ValueError(f"unknown kernel-choice entries {bad}; ops are {', '.join(OPS)}")
+    checked = _checked(table, "kernel-choice table")
     _table.clear()
-    _table.update(table)
+    _table.update(checked)
 
 
 def compiled_choice(op: str) -> str:

@@ -231,10 +231,17 @@ class DiTDH(nn.Module):
         with probability `label_dropout`; in eval mode labels pass unchanged. A given `drop` mask
         [B] bool (True: null class) is applied as it is, in either mode, and nothing is drawn."""
         if drop is None:
-            if not self.training or self.label_dropout <= 0:
+            drop = self.label_dropout_mask(y)
+            if drop is None:
                 return y
-            drop = draw_label_dropout(y, self.label_dropout)
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def label_dropout_mask(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The mask drop_labels draws when given none: [B] bool in training mode, None in eval mode
+        or at dropout 0 (nothing drawn)."""
+        if not self.training or self.label_dropout <= 0:
+            return None
+        return draw_label_dropout(y, self.label_dropout)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, label_drop: torch.Tensor | None = None

@@ -16,7 +16,7 @@ import torch
 from rectok import kernels
 from rectok.checkpoints import loading, sharded, store
 from rectok.models import flow
-from rectok.models.dit import DiTDH, LatentNormalizer, dit_config, draw_label_dropout
+from rectok.models.dit import DiTDH, LatentNormalizer, dit_config
 from rectok.models.layers import set_activation_checkpointing
 from rectok.models.tokenizer import DiagonalGaussian
 from rectok.sampling.euler import euler_sample
@@ -68,10 +68,7 @@ def model_label_dropout(model: Callable[..., torch.Tensor], y: torch.Tensor) -> 
     """The label-dropout mask the (possibly wrapped) DiT^DH would draw in its forward, or None where
     it draws nothing (eval mode, dropout 0, or not a DiTDH)."""
     bare = D.unwrap(model) if isinstance(model, torch.nn.Module) else model
-    p = getattr(bare, "label_dropout", 0.0)
-    if not isinstance(bare, DiTDH) or not bare.training or p <= 0:
-        return None
-    return draw_label_dropout(y, p)
+    return bare.label_dropout_mask(y) if isinstance(bare, DiTDH) else None
 
 
 def flow_matching_loss(

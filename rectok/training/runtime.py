@@ -2,9 +2,8 @@
 
 `Run` holds the device, autocast dtype, ranks, run folder and the metric writers (metrics.jsonl,
 TensorBoard, optionally Weights & Biases); seeding and the gathered RNG states make resumed runs
-bit-identical; `unscale_and_clip`,
-`read_flags` and `step_or_skip` skip an update whose loss or grad norm is non-finite, with one host
-sync per step.
+bit-identical; `unscale_and_clip`, `read_flags` and `step_or_skip` skip an update whose loss or
+grad norm is non-finite, with one host sync per step.
 """
 
 from __future__ import annotations
